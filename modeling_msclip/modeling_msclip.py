@@ -1,0 +1,853 @@
+"""PyTorch MS-CLIP: a CLIP whose image and text transformers share most parameters.
+
+Layout of the module tree (and of every checkpoint):
+
+* ``text_model``   - token + position embeddings and the final LayerNorm (text-only parts),
+* ``vision_model`` - patch embedding or conv stem, class/position embeddings, pre/post LayerNorms, the optional
+  efficient parallel branch and its lateral adapters (vision-only parts),
+* ``encoder``      - the block stack both towers run through. Each component of each block is held by a
+  `MSClipModalityModules`: one module under the key ``"shared"`` when the config shares it, otherwise one module
+  per modality under ``"text"`` / ``"vision"``. What is shared is therefore decided in exactly one place
+  (`MSClipEncoderLayer.__init__`, read from ``config.shared_components``) and every parameter exists once.
+* ``text_projection``, ``visual_projection`` (one ``projection`` when the head is shared) and ``logit_scale``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_msclip import MSClipConfig, MSClipTextConfig, MSClipVisionConfig
+
+MODALITIES = ("text", "vision")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Output types
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MSClipOutput(ModelOutput):
+    """Output of `MSClipModel.forward`, field-compatible with transformers' ``CLIPOutput``.
+
+    Attributes:
+        loss: Symmetric contrastive loss of the (local) batch, when ``return_loss=True``.
+        logits_per_image: ``exp(logit_scale) * cos`` similarities, shape ``(image_batch, text_batch)``.
+        logits_per_text: Transpose of ``logits_per_image``.
+        text_embeds: L2-normalised projected text embeddings.
+        image_embeds: L2-normalised projected image embeddings.
+        text_model_output: Text tower output (``pooler_output`` = projected, unnormalised embedding).
+        vision_model_output: Vision tower output (``pooler_output`` = projected, unnormalised embedding).
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[key].to_tuple() if key in ("text_model_output", "vision_model_output") else self[key]
+            for key in self.keys()
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: softmax(q kᵀ · scaling + mask) v, with an optional causal mask."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if is_causal:
+        length = query.shape[-2]
+        future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+        attn_weights = attn_weights.masked_fill(future, torch.finfo(attn_weights.dtype).min)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MSClipAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection.
+
+    Causality is a per-call argument, so one shared module attends causally over text and bidirectionally over
+    image tokens.
+    """
+
+    def __init__(self, config: MSClipTextConfig | MSClipVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = False
+        self.qkv_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation in (None, "eager"):
+            attention_interface: Callable = eager_attention_forward
+        else:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        attn_output = self.out_proj(attn_output.reshape(batch, length, self.embed_dim))
+        return attn_output, (attn_weights if output_attentions else None)
+
+
+class MSClipMLP(nn.Module):
+    """Two-layer MLP (width → intermediate → width) with the configured activation (QuickGELU for CLIP)."""
+
+    def __init__(self, config: MSClipTextConfig | MSClipVisionConfig) -> None:
+        super().__init__()
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class MSClipModalityModules(nn.ModuleDict):
+    """One block component: a single module shared by all modalities, or one module per modality.
+
+    The keys are ``"shared"`` or the modality names; `for_modality` hides the difference from the caller.
+    """
+
+    def __init__(self, build: Callable[[str], nn.Module], modalities: tuple[str, ...], shared: bool) -> None:
+        if shared:
+            super().__init__({"shared": build(modalities[0])})
+        else:
+            super().__init__({modality: build(modality) for modality in modalities})
+
+    @property
+    def is_shared(self) -> bool:
+        return "shared" in self
+
+    def for_modality(self, modality: str) -> nn.Module:
+        """The module that processes ``modality``."""
+        if "shared" in self:
+            return self["shared"]
+        if modality not in self:
+            raise ValueError(f"this block has no {modality!r} component (it holds {list(self.keys())})")
+        return self[modality]
+
+
+class MSClipEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN transformer block at one position of the joint encoder: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+    Each of its four components is built once if ``config.shared_components[position]`` names it, otherwise once
+    per modality that has a block at this position.
+    """
+
+    def __init__(self, config: MSClipConfig, position: int, modalities: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        self.position = position
+        present = config.layer_modalities(position)
+        modalities = tuple(m for m in present if modalities is None or m in modalities)
+        shared = set(config.shared_components[position])
+
+        def component(name: str, build: Callable[[MSClipTextConfig | MSClipVisionConfig], nn.Module]):
+            return MSClipModalityModules(
+                lambda modality: build(config.modality_config(modality)), modalities, shared=name in shared
+            )
+
+        self.layer_norm1 = component("layer_norm1", lambda c: nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
+        self.self_attn = component("attention", MSClipAttention)
+        self.layer_norm2 = component("layer_norm2", lambda c: nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
+        self.mlp = component("mlp", MSClipMLP)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        modality: str,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states = self.layer_norm1.for_modality(modality)(hidden_states)
+        hidden_states, attn_weights = self.self_attn.for_modality(modality)(
+            hidden_states, attention_mask=attention_mask, is_causal=is_causal, output_attentions=output_attentions
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.layer_norm2.for_modality(modality)(hidden_states)
+        hidden_states = residual + self.mlp.for_modality(modality)(hidden_states)
+        return hidden_states, attn_weights
+
+
+class MSClipEncoder(nn.Module):
+    """The block stack both towers run through, one `MSClipEncoderLayer` per block position."""
+
+    def __init__(self, config: MSClipConfig, modalities: tuple[str, ...] = MODALITIES) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(
+            [MSClipEncoderLayer(config, position, modalities) for position in range(config.num_block_positions)]
+        )
+
+    def positions(self, modality: str) -> list[int]:
+        """Block positions that ``modality`` runs, in order."""
+        return [i for i in range(len(self.layers)) if modality in self.config.layer_modalities(i)]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        modality: str,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Run ``modality``'s blocks. ``before_layer(position, hidden_states)`` may rewrite the tokens before a block
+        (the vision tower's lateral adapters use it).
+
+        Returns the last hidden state, the hidden states (the encoder input, then each block's output, as in
+        transformers' CLIP) and the attention maps, the latter two only when requested.
+        """
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for position in self.positions(modality):
+            if before_layer is not None:
+                hidden_states = before_layer(position, hidden_states)
+            hidden_states, attn_weights = self.layers[position](
+                hidden_states, modality, attention_mask, is_causal, output_attentions
+            )
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            if all_attentions is not None:
+                all_attentions.append(attn_weights)
+        return (
+            hidden_states,
+            tuple(all_hidden_states) if all_hidden_states is not None else None,
+            tuple(all_attentions) if all_attentions is not None else None,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Convolutional parts of the vision tower (MS-CLIP-S)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def conv_bn(
+    in_channels: int, out_channels: int, kernel: int, stride: int, eps: float, groups: int = 1
+) -> nn.Sequential:
+    """Bias-free convolution ("same" padding for odd kernels, none for even ones) followed by BatchNorm."""
+    padding = kernel // 2 if kernel % 2 else 0
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels, eps=eps),
+    )
+
+
+class MSClipStemBlock(nn.Module):
+    """Residual stem stage: ReLU(BN(conv3x3, stride s)(x) + BN(conv1x1, stride s)(x))."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, eps: float) -> None:
+        super().__init__()
+        self.conv = conv_bn(in_channels, out_channels, 3, stride, eps)
+        self.shortcut = conv_bn(in_channels, out_channels, 1, stride, eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(pixels) + self.shortcut(pixels))
+
+
+class MSClipConvStem(nn.Module):
+    """Early specialization: the convolutional stem that replaces vision block 0 and the patch embedding.
+
+    3x3/2 conv to W/16 + BN + ReLU, four residual stages W/16 → W/8 → W/4 → W/2 → W, then a 1x1 conv W → W.
+    """
+
+    def __init__(self, config: MSClipVisionConfig) -> None:
+        super().__init__()
+        width, eps = config.hidden_size, config.batch_norm_eps
+        channels = [width // 16, width // 8, width // 4, width // 2, width]
+        self.first_conv = conv_bn(config.num_channels, channels[0], 3, 2, eps)
+        self.stages = nn.ModuleList(
+            MSClipStemBlock(channels[i], channels[i + 1], stride, eps)
+            for i, stride in enumerate(config.conv_stem_strides)
+        )
+        self.last_conv = nn.Conv2d(width, width, 1, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = F.relu(self.first_conv(pixel_values))
+        for stage in self.stages:
+            features = stage(features)
+        return self.last_conv(features)
+
+
+class MSClipBottleneck(nn.Module):
+    """ResNet bottleneck (1x1, 3x3 stride s, 1x1; middle width = out/2) with a projection shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, eps: float) -> None:
+        super().__init__()
+        middle = out_channels // 2
+        self.reduce = conv_bn(in_channels, middle, 1, 1, eps)
+        self.spatial = conv_bn(middle, middle, 3, stride, eps)
+        self.expand = conv_bn(middle, out_channels, 1, 1, eps)
+        self.shortcut = conv_bn(in_channels, out_channels, 1, stride, eps)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(self.reduce(features))
+        hidden = F.relu(self.spatial(hidden))
+        return F.relu(self.expand(hidden) + self.shortcut(features))
+
+
+class MSClipParallelBranch(nn.Module):
+    """Efficient parallel branch: a small CNN on the raw image whose stages feed the lateral adapters.
+
+    Stage 0 is a 3x3 conv + BN + ReLU to W/16; stages 1-4 are one bottleneck each, doubling the channels up to W.
+    """
+
+    def __init__(self, config: MSClipVisionConfig) -> None:
+        super().__init__()
+        width = config.hidden_size
+        channels = [width // 16, width // 8, width // 4, width // 2, width]
+        strides = config.parallel_branch_strides
+        self.first_stage = conv_bn(config.num_channels, channels[0], 3, strides[0], config.batch_norm_eps)
+        self.bottlenecks = nn.ModuleList(
+            MSClipBottleneck(channels[i], channels[i + 1], strides[i + 1], config.parallel_branch_batch_norm_eps)
+            for i in range(len(strides) - 1)
+        )
+        self.channels = channels
+
+    def run_stage(self, stage: int, features: torch.Tensor) -> torch.Tensor:
+        """Stage ``stage`` applied to the previous stage's output (the raw image for stage 0)."""
+        if stage == 0:
+            return F.relu(self.first_stage(features))
+        return self.bottlenecks[stage - 1](features)
+
+
+class MSClipLateralAdapter(nn.Module):
+    """Merges a parallel-branch feature map into the token sequence; its output replaces the tokens.
+
+    Branch path: depthwise k×k/k conv + BN, 1x1 conv to W. Token path: the grid through a depthwise 3x3 conv + BN.
+    Both carry the class token in front (the branch path only with ``parallel_branch_use_cls``), are summed and
+    layer-normalised.
+    """
+
+    def __init__(self, config: MSClipVisionConfig, branch_channels: int, kernel: int) -> None:
+        super().__init__()
+        width, eps = config.hidden_size, config.batch_norm_eps
+        self.use_cls = config.parallel_branch_use_cls
+        self.branch_depthwise = conv_bn(branch_channels, branch_channels, kernel, kernel, eps, groups=branch_channels)
+        self.branch_pointwise = nn.Conv2d(branch_channels, width, 1, bias=False)
+        self.token_depthwise = conv_bn(width, width, 3, 1, eps, groups=width)
+        self.layer_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, branch_features: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden_states.shape
+        grid = int(round((length - 1) ** 0.5))
+        cls_token, patches = hidden_states[:, :1], hidden_states[:, 1:]
+        patches = patches.transpose(1, 2).reshape(batch, width, grid, grid)
+        token_path = self.token_depthwise(patches).flatten(2).transpose(1, 2)
+        branch_path = self.branch_pointwise(self.branch_depthwise(branch_features)).flatten(2).transpose(1, 2)
+        branch_cls = cls_token if self.use_cls else torch.zeros_like(cls_token)
+        merged = torch.cat([cls_token, token_path], dim=1) + torch.cat([branch_cls, branch_path], dim=1)
+        return self.layer_norm(merged)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Towers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MSClipTextEmbeddings(nn.Module):
+    """Token embedding plus learned absolute position embedding."""
+
+    def __init__(self, config: MSClipTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[-1]
+        if length > self.position_embedding.shape[0]:
+            raise ValueError(
+                f"input_ids has {length} positions but the text tower supports at most "
+                f"{self.position_embedding.shape[0]}"
+            )
+        return self.token_embedding(input_ids) + self.position_embedding[:length]
+
+
+class MSClipTextTower(nn.Module):
+    """Text-specific parts: embeddings and the final LayerNorm. The blocks live in the shared encoder."""
+
+    def __init__(self, config: MSClipTextConfig, own_head_norm: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = MSClipTextEmbeddings(config)
+        # A model with one head for both modalities owns that LayerNorm itself and passes it to forward.
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if own_head_norm else None
+
+    def forward(
+        self,
+        encoder: MSClipEncoder,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        final_layer_norm: nn.Module | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Encode ``input_ids``; ``pooler_output`` is the normalised end-of-text token (before projection)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        # Pool where the official code pools: at argmax(input_ids), the end-of-text token, which has the largest id.
+        pool_index = input_ids.argmax(dim=-1)
+        causal = self.config.causal
+        if self.config.trim_padding and (causal or attention_mask is not None):
+            # Later positions cannot reach the pooled token (causal) or are masked out: dropping them is exact.
+            keep = int(pool_index.max()) + 1
+            if keep < input_ids.shape[1]:
+                input_ids = input_ids[:, :keep]
+                attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
+        additive_mask = None
+        if not causal and attention_mask is not None:
+            additive_mask = padding_mask_to_additive(attention_mask, self.embeddings.position_embedding.dtype)
+        hidden_states = self.embeddings(input_ids)
+        last_hidden_state, hidden_states, attentions = encoder(
+            hidden_states,
+            "text",
+            attention_mask=additive_mask,
+            is_causal=causal,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        rows = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
+        final_layer_norm = final_layer_norm if final_layer_norm is not None else self.final_layer_norm
+        pooled = final_layer_norm(last_hidden_state[rows, pool_index])
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+class MSClipVisionEmbeddings(nn.Module):
+    """Patch embedding (or conv stem), class token, position embedding and the pre-LayerNorm."""
+
+    def __init__(self, config: MSClipVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        if config.embedding_type == "conv_stem":
+            self.patch_embedding = MSClipConvStem(config)
+        else:
+            self.patch_embedding = nn.Conv2d(
+                config.num_channels, width, config.patch_size, stride=config.patch_size, bias=False
+            )
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.position_embedding = nn.Parameter(torch.empty(config.grid_size**2 + 1, width))
+        self.pre_layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+    def interpolated_position_embedding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """Position embedding for a ``grid_height`` x ``grid_width`` token grid (bicubic resize of the grid part)."""
+        grid = self.config.grid_size
+        if (grid_height, grid_width) == (grid, grid):
+            return self.position_embedding
+        cls_position, patch_positions = self.position_embedding[:1], self.position_embedding[1:]
+        patch_positions = patch_positions.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        patch_positions = F.interpolate(
+            patch_positions.float(), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+        ).to(cls_position.dtype)
+        return torch.cat([cls_position, patch_positions.permute(0, 2, 3, 1).flatten(1, 2)[0]])
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.config.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        size = self.config.image_size
+        if not interpolate_pos_encoding and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} but the model expects {size}x{size}; "
+                "resize them or pass interpolate_pos_encoding=True"
+            )
+        patches = self.patch_embedding(pixel_values.to(self.class_embedding.dtype))
+        grid_height, grid_width = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)
+        cls_token = self.class_embedding.expand(patches.shape[0], 1, -1)
+        embeddings = torch.cat([cls_token, patches], dim=1)
+        embeddings = embeddings + self.interpolated_position_embedding(grid_height, grid_width)
+        return self.pre_layernorm(embeddings)
+
+
+class MSClipVisionTower(nn.Module):
+    """Vision-specific parts: embeddings, the optional parallel branch with its lateral adapters, post-LayerNorm."""
+
+    def __init__(self, config: MSClipVisionConfig, own_head_norm: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = MSClipVisionEmbeddings(config)
+        self.parallel_branch = None
+        self.lateral_adapters = None
+        if config.parallel_branch_strides is not None:
+            self.parallel_branch = MSClipParallelBranch(config)
+            self.lateral_adapters = nn.ModuleList(
+                MSClipLateralAdapter(config, channels, kernel)
+                for channels, kernel in zip(
+                    self.parallel_branch.channels, config.parallel_branch_lateral_kernels, strict=True
+                )
+            )
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if own_head_norm else None
+
+    def forward(
+        self,
+        encoder: MSClipEncoder,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
+        post_layernorm: nn.Module | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Encode images; ``pooler_output`` is the post-LayerNorm class token (before projection)."""
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding)
+        before_layer = None
+        if self.parallel_branch is not None:
+            stage_at = {position: stage for stage, position in enumerate(self.config.parallel_branch_lateral_layers)}
+            branch = {"features": pixel_values.to(hidden_states.dtype)}
+
+            def before_layer(position: int, tokens: torch.Tensor) -> torch.Tensor:
+                stage = stage_at.get(position)
+                if stage is None:
+                    return tokens
+                branch["features"] = self.parallel_branch.run_stage(stage, branch["features"])
+                return self.lateral_adapters[stage](tokens, branch["features"])
+
+        last_hidden_state, hidden_states, attentions = encoder(
+            hidden_states,
+            "vision",
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            before_layer=before_layer,
+        )
+        post_layernorm = post_layernorm if post_layernorm is not None else self.post_layernorm
+        pooled = post_layernorm(last_hidden_state[:, 0])
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+def padding_mask_to_additive(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, length) 1/0 padding mask → (batch, 1, 1, length) additive mask for bidirectional attention."""
+    blocked = attention_mask[:, None, None, :].eq(0)
+    return torch.zeros(blocked.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        blocked, torch.finfo(dtype).min
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pretrained models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MSClipPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by all MS-CLIP models."""
+
+    config_class = MSClipConfig
+    config: MSClipConfig
+    base_model_prefix = "msclip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MSClipEncoderLayer", "MSClipTextEmbeddings", "MSClipVisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        factor = self.config.initializer_factor
+        if isinstance(module, MSClipTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=0.02 * factor)
+            init.normal_(module.position_embedding, std=0.01 * factor)
+        elif isinstance(module, MSClipVisionEmbeddings):
+            width = module.config.hidden_size
+            init.normal_(module.class_embedding, std=width**-0.5 * factor)
+            init.normal_(module.position_embedding, std=width**-0.5 * factor)
+            if isinstance(module.patch_embedding, nn.Conv2d):
+                init.normal_(module.patch_embedding.weight, std=module.config.initializer_range * factor)
+        elif isinstance(module, MSClipAttention):
+            config = module.config
+            in_std = module.embed_dim**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
+            init.normal_(module.qkv_proj.weight, std=in_std)
+            init.zeros_(module.qkv_proj.bias)
+            init.normal_(module.out_proj.weight, std=module.embed_dim**-0.5 * factor)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, MSClipMLP):
+            width = module.fc1.in_features
+            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
+            init.zeros_(module.fc1.bias)
+            init.normal_(module.fc2.weight, std=width**-0.5 * factor)
+            init.zeros_(module.fc2.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=module.in_features**-0.5 * factor)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MSClipModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class MSClipModel(MSClipPreTrainedModel):
+    """MS-CLIP dual encoder with a shared block stack (see the module docstring for the layout)."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MSClipConfig) -> None:
+        super().__init__(config)
+        own_head_norm = not config.share_projection_head
+        self.text_model = MSClipTextTower(config.text_config, own_head_norm)
+        self.vision_model = MSClipVisionTower(config.vision_config, own_head_norm)
+        self.encoder = MSClipEncoder(config)
+        if config.share_projection_head:
+            self.head_layer_norm = nn.LayerNorm(config.text_config.hidden_size, eps=config.text_config.layer_norm_eps)
+            self.projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        else:
+            self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+            self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
+        self.post_init()
+
+    def _head(self, modality: str) -> tuple[nn.Module | None, nn.Module]:
+        if self.config.share_projection_head:
+            return self.head_layer_norm, self.projection
+        return None, (self.text_projection if modality == "text" else self.visual_projection)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        """Text tower output whose ``pooler_output`` is the projected, unnormalised text embedding."""
+        layer_norm, projection = self._head("text")
+        output = self.text_model(
+            self.encoder, input_ids, attention_mask, output_hidden_states, output_attentions, layer_norm
+        )
+        output.pooler_output = projection(output.pooler_output)
+        return output
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        """Vision tower output whose ``pooler_output`` is the projected, unnormalised image embedding."""
+        layer_norm, projection = self._head("vision")
+        output = self.vision_model(
+            self.encoder, pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding, layer_norm
+        )
+        output.pooler_output = projection(output.pooler_output)
+        return output
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """transformers-5 style text features: ``pooler_output`` is the projected, unnormalised embedding."""
+        if position_ids is not None:
+            raise ValueError("MS-CLIP uses absolute learned positions 0..L-1; position_ids are not supported")
+        return self.encode_text(
+            input_ids,
+            attention_mask,
+            output_hidden_states=bool(kwargs.get("output_hidden_states", False)),
+            output_attentions=bool(kwargs.get("output_attentions", False)),
+        )
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
+    ) -> BaseModelOutputWithPooling:
+        """transformers-5 style image features: ``pooler_output`` is the projected, unnormalised embedding."""
+        return self.encode_image(
+            pixel_values,
+            output_hidden_states=bool(kwargs.get("output_hidden_states", False)),
+            output_attentions=bool(kwargs.get("output_attentions", False)),
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MSClipOutput | tuple:
+        """Embed both modalities and score every image against every text.
+
+        Returns `MSClipOutput`; the loss (``return_loss=True``) is the symmetric contrastive loss of this batch
+        alone. Cross-device negatives, SigLIP and nCLIP live in `loss_msclip` and the trainer.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError(
+                "MSClipModel.forward needs both input_ids and pixel_values; use get_text_features / "
+                "get_image_features for one modality"
+            )
+        if position_ids is not None:
+            raise ValueError("MS-CLIP uses absolute learned positions 0..L-1; position_ids are not supported")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        vision_outputs = self.encode_image(
+            pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding
+        )
+        text_outputs = self.encode_text(input_ids, attention_mask, output_hidden_states, output_attentions)
+        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
+        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
+        logits_per_image = logits_per_text.t()
+        loss = symmetric_contrastive_loss(logits_per_image) if return_loss else None
+        output = MSClipOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def symmetric_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """Mean of image→text and text→image cross-entropies with matching pairs on the diagonal (computed in fp32)."""
+    logits = logits_per_image.float()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+class MSClipForImageClassification(MSClipPreTrainedModel):
+    """MS-CLIP vision tower (with its share of the block stack) and a linear head on the class token.
+
+    Parameter names match `MSClipModel`, so ``from_pretrained`` on an MS-CLIP checkpoint loads the vision weights
+    (text-only weights are reported as unused) and initialises the classifier.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: MSClipConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = MSClipVisionTower(config.vision_config)
+        self.encoder = MSClipEncoder(config, modalities=("vision",))
+        self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput | tuple:
+        """Classify images; with ``labels`` also return the cross-entropy loss."""
+        if pixel_values is None:
+            raise ValueError("MSClipForImageClassification.forward needs pixel_values")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.vision_model(
+            self.encoder,
+            pixel_values,
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "MSClipForImageClassification",
+    "MSClipModel",
+    "MSClipOutput",
+    "MSClipPreTrainedModel",
+]
