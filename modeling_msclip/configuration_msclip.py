@@ -363,6 +363,9 @@ class MSClipConfig(PreTrainedConfig):
         return cls(**data)
 
 
+MSClipConfig.register_for_auto_class()
+
+
 def available_presets() -> list[str]:
     """Names of the packaged model presets (``modeling_msclip/presets/*.json``)."""
     folder = _presets_folder()

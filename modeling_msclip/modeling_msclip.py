@@ -357,7 +357,9 @@ class MSClipParallelBranch(nn.Module):
         width = config.hidden_size
         channels = [width // 16, width // 8, width // 4, width // 2, width]
         strides = config.parallel_branch_strides
-        self.first_stage = conv_bn(config.num_channels, channels[0], 3, strides[0], config.batch_norm_eps)
+        self.first_stage = nn.Sequential(
+            *conv_bn(config.num_channels, channels[0], 3, strides[0], config.batch_norm_eps), nn.ReLU()
+        )
         self.bottlenecks = nn.ModuleList(
             MSClipBottleneck(channels[i], channels[i + 1], strides[i + 1], config.parallel_branch_batch_norm_eps)
             for i in range(len(strides) - 1)
@@ -367,7 +369,7 @@ class MSClipParallelBranch(nn.Module):
     def run_stage(self, stage: int, features: torch.Tensor) -> torch.Tensor:
         """Stage ``stage`` applied to the previous stage's output (the raw image for stage 0)."""
         if stage == 0:
-            return F.relu(self.first_stage(features))
+            return self.first_stage(features)
         return self.bottlenecks[stage - 1](features)
 
 
@@ -445,6 +447,11 @@ class MSClipTextTower(nn.Module):
         """Encode ``input_ids``; ``pooler_output`` is the normalised end-of-text token (before projection)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} positions but the text tower supports at most "
+                f"{self.config.max_position_embeddings}"
+            )
         # Pool where the official code pools: at argmax(input_ids), the end-of-text token, which has the largest id.
         pool_index = input_ids.argmax(dim=-1)
         causal = self.config.causal
@@ -599,6 +606,16 @@ def padding_mask_to_additive(attention_mask: torch.Tensor, dtype: torch.dtype) -
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Written into every saved config so that a checkpoint folder loads with ``trust_remote_code=True`` where this
+# package is not installed (transformers copies this file and its sibling imports next to the weights).
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_msclip.MSClipConfig",
+    "AutoModel": "modeling_msclip.MSClipModel",
+    "AutoModelForZeroShotImageClassification": "modeling_msclip.MSClipModel",
+    "AutoModelForImageClassification": "modeling_msclip.MSClipForImageClassification",
+}
+
+
 class MSClipPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by all MS-CLIP models."""
 
@@ -612,6 +629,10 @@ class MSClipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def __init__(self, config: MSClipConfig, *inputs: Any, **kwargs: Any) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -676,6 +697,12 @@ class MSClipModel(MSClipPreTrainedModel):
             self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
 
     def _head(self, modality: str) -> tuple[nn.Module | None, nn.Module]:
         if self.config.share_projection_head:
@@ -844,6 +871,9 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+
+MSClipModel.register_for_auto_class("AutoModel")
+MSClipForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "MSClipForImageClassification",

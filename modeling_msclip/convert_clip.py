@@ -1,0 +1,138 @@
+"""Convert a saved transformers ``CLIPModel`` (and its processor) into an `MSClipModel` with nothing shared.
+
+    python -m modeling_msclip.convert_clip --input CLIP_DIR --output DIR
+
+The result computes the same embeddings and logits as the CLIP model; it is a starting point for MS-CLIP-style
+fine-tuning or for comparing architectures on equal terms. The processor files of ``CLIP_DIR`` are saved alongside
+(the CLIP tokenizer pads with its end token, which our argmax pooling handles like any smaller padding id).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, CLIPConfig, CLIPModel
+
+from .configuration_msclip import MSClipConfig
+from .modeling_msclip import MSClipModel
+
+_LAYER_PARTS = {
+    "layer_norm1.weight": "layer_norm1.{m}.weight",
+    "layer_norm1.bias": "layer_norm1.{m}.bias",
+    "self_attn.out_proj.weight": "self_attn.{m}.out_proj.weight",
+    "self_attn.out_proj.bias": "self_attn.{m}.out_proj.bias",
+    "layer_norm2.weight": "layer_norm2.{m}.weight",
+    "layer_norm2.bias": "layer_norm2.{m}.bias",
+    "mlp.fc1.weight": "mlp.{m}.fc1.weight",
+    "mlp.fc1.bias": "mlp.{m}.fc1.bias",
+    "mlp.fc2.weight": "mlp.{m}.fc2.weight",
+    "mlp.fc2.bias": "mlp.{m}.fc2.bias",
+}
+
+
+def config_from_clip(clip_config: CLIPConfig) -> MSClipConfig:
+    """An `MSClipConfig` with the sizes of ``clip_config`` and no sharing."""
+    text, vision = clip_config.text_config, clip_config.vision_config
+    if getattr(text, "eos_token_id", None) == 2:
+        raise ValueError("this CLIP config uses the legacy eos_token_id=2 pooling; re-save it with the real end id")
+    return MSClipConfig(
+        text_config={
+            "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "max_position_embeddings": text.max_position_embeddings,
+            "hidden_act": text.hidden_act,
+            "layer_norm_eps": text.layer_norm_eps,
+            "attention_dropout": text.attention_dropout,
+            "pad_token_id": text.pad_token_id,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": text.eos_token_id,
+        },
+        vision_config={
+            "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads,
+            "num_channels": vision.num_channels,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_act": vision.hidden_act,
+            "layer_norm_eps": vision.layer_norm_eps,
+            "attention_dropout": vision.attention_dropout,
+        },
+        projection_dim=clip_config.projection_dim,
+        logit_scale_init_value=clip_config.logit_scale_init_value,
+    )
+
+
+def convert_clip_state_dict(clip_state: dict[str, torch.Tensor], config: MSClipConfig) -> dict[str, torch.Tensor]:
+    """Rename (and fuse q/k/v of) a transformers CLIP state dict into `MSClipModel` keys."""
+    state = {
+        "text_model.embeddings.token_embedding.weight": clip_state["text_model.embeddings.token_embedding.weight"],
+        "text_model.embeddings.position_embedding": clip_state["text_model.embeddings.position_embedding.weight"],
+        "text_model.final_layer_norm.weight": clip_state["text_model.final_layer_norm.weight"],
+        "text_model.final_layer_norm.bias": clip_state["text_model.final_layer_norm.bias"],
+        "vision_model.embeddings.class_embedding": clip_state["vision_model.embeddings.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": clip_state["vision_model.embeddings.patch_embedding.weight"],
+        "vision_model.embeddings.position_embedding": clip_state["vision_model.embeddings.position_embedding.weight"],
+        "vision_model.embeddings.pre_layernorm.weight": clip_state["vision_model.pre_layrnorm.weight"],
+        "vision_model.embeddings.pre_layernorm.bias": clip_state["vision_model.pre_layrnorm.bias"],
+        "vision_model.post_layernorm.weight": clip_state["vision_model.post_layernorm.weight"],
+        "vision_model.post_layernorm.bias": clip_state["vision_model.post_layernorm.bias"],
+        "text_projection.weight": clip_state["text_projection.weight"],
+        "visual_projection.weight": clip_state["visual_projection.weight"],
+        "logit_scale": clip_state["logit_scale"].reshape(1),
+    }
+    for modality, tower in (("text", config.text_config), ("vision", config.vision_config)):
+        for layer in range(tower.num_hidden_layers):
+            source = f"{modality}_model.encoder.layers.{layer}."
+            target = f"encoder.layers.{layer}."
+            for clip_suffix, ours in _LAYER_PARTS.items():
+                state[target + ours.format(m=modality)] = clip_state[source + clip_suffix]
+            for part in ("weight", "bias"):
+                state[f"{target}self_attn.{modality}.qkv_proj.{part}"] = torch.cat(
+                    [clip_state[f"{source}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")]
+                )
+    return {key: value.contiguous().clone() for key, value in state.items()}
+
+
+def convert(input_dir: str | Path, output_dir: str | Path | None = None, overwrite: bool = False) -> MSClipModel:
+    """Load ``input_dir`` as a transformers CLIPModel and return (and optionally save) the equivalent MSClipModel."""
+    clip = CLIPModel.from_pretrained(input_dir)
+    config = config_from_clip(clip.config)
+    model = MSClipModel(config)
+    model.load_state_dict(convert_clip_state_dict(clip.state_dict(), config), strict=True)
+    model.eval()
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+            raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its contents")
+        model.save_pretrained(output_dir)
+        try:
+            processor = AutoProcessor.from_pretrained(input_dir)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="directory of a saved transformers CLIPModel")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.input, args.output, args.overwrite)
+    except FileExistsError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"saved MS-CLIP model to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
