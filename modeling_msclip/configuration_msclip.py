@@ -17,6 +17,7 @@ LayerNorms included, plus a shared projection head).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from typing import Any
 
@@ -24,6 +25,71 @@ from transformers.configuration_utils import PreTrainedConfig
 
 SHAREABLE_COMPONENTS = ("attention", "mlp", "layer_norm1", "layer_norm2")
 VISION_EMBEDDING_TYPES = ("patch", "conv_stem")
+PRETRAINING_LOSSES = ("clip", "siglip", "nclip", "xclip")
+
+
+@dataclass
+class MSClipObjectiveConfig:
+    """The pre-training objective of `MSClipForPreTraining` (stored in ``MSClipConfig.objective``).
+
+    Every default is a project default, not a value taken from the nCLIP/xCLIP paper (whose full text was not
+    available; see docs/losses.md).
+
+    Args:
+        loss: ``"clip"`` (symmetric InfoNCE), ``"siglip"`` (sigmoid), ``"nclip"`` (non-contrastive) or ``"xclip"``
+            (``clip_weight * CLIP + nclip_weight * nCLIP``).
+        local_loss: Each rank scores its own rows against the gathered batch (memory O(B·N) instead of O(N²)).
+        gather_with_grad: Gather features across ranks with an autograd all-gather.
+        clip_weight: Weight of the CLIP term in xCLIP.
+        nclip_weight: Weight of the nCLIP term in xCLIP.
+        siglip_logit_bias_init: Initial SigLIP logit bias.
+        nclip_head_layers: Linear layers of each nCLIP projection MLP.
+        nclip_hidden_dim: Hidden width of the nCLIP MLP.
+        nclip_bottleneck_dim: Output width of the nCLIP MLP (L2-normalised before the prototypes).
+        nclip_num_prototypes: Number of prototypes K.
+        nclip_share_prototypes: One prototype matrix for both modalities.
+        nclip_student_temperature: Student softmax temperature.
+        nclip_teacher_temperature: Teacher (target) softmax temperature.
+        nclip_stop_grad_targets: Detach the targets.
+        nclip_center_momentum: DINO-style centring momentum (``None`` disables centring).
+        nclip_lambda_sharp: Weight of the per-sample entropy (sharpness) term.
+        nclip_lambda_smooth: Weight of the batch-mean entropy (smoothness) term that prevents collapse.
+    """
+
+    loss: str = "clip"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    clip_weight: float = 1.0
+    nclip_weight: float = 1.0
+    siglip_logit_bias_init: float = -10.0
+    nclip_head_layers: int = 3
+    nclip_hidden_dim: int = 2048
+    nclip_bottleneck_dim: int = 256
+    nclip_num_prototypes: int = 65536
+    nclip_share_prototypes: bool = True
+    nclip_student_temperature: float = 0.1
+    nclip_teacher_temperature: float = 0.04
+    nclip_stop_grad_targets: bool = True
+    nclip_center_momentum: float | None = None
+    nclip_lambda_sharp: float = 0.0
+    nclip_lambda_smooth: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in PRETRAINING_LOSSES:
+            raise ValueError(f"objective loss must be one of {PRETRAINING_LOSSES}, got {self.loss!r}")
+
+    @property
+    def uses_nclip(self) -> bool:
+        return self.loss in ("nclip", "xclip")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> MSClipObjectiveConfig:
+        """Build from a (possibly partial) dict, rejecting unknown keys by name."""
+        values = dict(values or {})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown objective settings {sorted(unknown)}")
+        return cls(**values)
 
 
 class MSClipTextConfig(PreTrainedConfig):
@@ -248,6 +314,7 @@ class MSClipConfig(PreTrainedConfig):
         logit_scale_init_value: Initial value of the learnable log temperature (CLIP: ln(1/0.07)).
         logit_scale_max: Upper bound of ``exp(logit_scale)`` enforced by the training losses and after optimizer
             steps (the model's forward reproduces the official, unclamped logits).
+        objective: Pre-training objective of `MSClipForPreTraining`, a dict of `MSClipObjectiveConfig` fields.
         initializer_factor: Global multiplier of initialisation scales.
     """
 
@@ -263,9 +330,11 @@ class MSClipConfig(PreTrainedConfig):
         share_projection_head: bool = False,
         logit_scale_init_value: float = 2.6592,
         logit_scale_max: float = 100.0,
+        objective: dict[str, Any] | None = None,
         initializer_factor: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        self.objective = asdict(MSClipObjectiveConfig.from_dict(objective))
         self.text_config = _as_sub_config(text_config, MSClipTextConfig)
         self.vision_config = _as_sub_config(vision_config, MSClipVisionConfig)
         self.projection_dim = projection_dim
@@ -280,6 +349,11 @@ class MSClipConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self._validate_sharing()
+
+    @property
+    def objective_config(self) -> MSClipObjectiveConfig:
+        """The validated pre-training objective."""
+        return MSClipObjectiveConfig.from_dict(self.objective)
 
     @property
     def num_block_positions(self) -> int:
@@ -399,7 +473,14 @@ def _product(values: list[int]) -> int:
     return result
 
 
-__all__ = ["MSClipConfig", "MSClipTextConfig", "MSClipVisionConfig", "SHAREABLE_COMPONENTS", "available_presets"]
+__all__ = [
+    "MSClipConfig",
+    "MSClipObjectiveConfig",
+    "MSClipTextConfig",
+    "MSClipVisionConfig",
+    "SHAREABLE_COMPONENTS",
+    "available_presets",
+]
 
 
 def _presets_folder():  # noqa: ANN202 - an importlib Traversable

@@ -412,11 +412,10 @@ def save_with_processor(
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its contents")
     model.save_pretrained(output_dir)
     if vocab_path is not None:
-        from .processing_msclip import build_processor
+        from .processing_msclip import build_msclip_processor
 
-        build_processor(vocab_path, preset=preset, image_size=model.config.vision_config.image_size).save_pretrained(
-            output_dir
-        )
+        image_size = model.config.vision_config.image_size
+        build_msclip_processor(vocab_path, preset=preset, image_size=image_size).save_pretrained(output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_msclip import MSClipConfig, MSClipTextConfig, MSClipVisionConfig
+from .loss_msclip import ClipLoss, NClipHead, NClipLoss, NClipPrototypes, SigLipLoss, xclip_loss
 
 MODALITIES = ("text", "vision")
 
@@ -50,6 +51,8 @@ class MSClipOutput(ModelOutput):
         image_embeds: L2-normalised projected image embeddings.
         text_model_output: Text tower output (``pooler_output`` = projected, unnormalised embedding).
         vision_model_output: Vision tower output (``pooler_output`` = projected, unnormalised embedding).
+        logit_scale: The log temperature used for the logits, returned from inside the forward so that training
+            code never reads the parameter outside it (ZeRO-3 only gathers it there).
     """
 
     loss: torch.Tensor | None = None
@@ -59,6 +62,7 @@ class MSClipOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
+    logit_scale: torch.Tensor | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(
@@ -676,6 +680,15 @@ class MSClipPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, MSClipModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        elif isinstance(module, NClipPrototypes):
+            bound = module.dim**-0.5
+            init.uniform_(module.weight, -bound, bound)
+            if module.norm is not None:
+                init.ones_(module.norm)
+        elif isinstance(module, NClipLoss):
+            init.zeros_(module.center)
+        elif isinstance(module, MSClipForPreTraining) and module.logit_bias is not None:
+            init.constant_(module.logit_bias, self.config.objective_config.siglip_logit_bias_init)
 
 
 class MSClipModel(MSClipPreTrainedModel):
@@ -814,6 +827,7 @@ class MSClipModel(MSClipPreTrainedModel):
             image_embeds=image_embeds,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
+            logit_scale=self.logit_scale,
         )
         return output if return_dict else output.to_tuple()
 
@@ -823,6 +837,133 @@ def symmetric_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     logits = logits_per_image.float()
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+@dataclass
+class MSClipPreTrainingOutput(ModelOutput):
+    """Output of `MSClipForPreTraining`.
+
+    Attributes:
+        loss: The configured objective on the global batch (this rank's share under data parallelism).
+        logits_per_image: Local-batch logits, as in `MSClipOutput`.
+        logits_per_text: Transpose of ``logits_per_image``.
+        text_embeds: L2-normalised text embeddings of this rank.
+        image_embeds: L2-normalised image embeddings of this rank.
+        logit_scale: Log temperature used by the contrastive terms.
+        logit_bias: SigLIP logit bias (``loss="siglip"`` only).
+        image_prototype_scores: nCLIP prototype scores of the images (``nclip``/``xclip`` only).
+        text_prototype_scores: nCLIP prototype scores of the texts.
+        loss_terms: Detached scalar terms and diagnostics for logging (``clip``, ``nclip/pred``, entropies, ...).
+    """
+
+    loss: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    logits_per_text: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
+    image_prototype_scores: torch.Tensor | None = None
+    text_prototype_scores: torch.Tensor | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
+
+
+class MSClipForPreTraining(MSClipPreTrainedModel):
+    """`MSClipModel` plus what only pre-training needs: the objective of ``config.objective``, nCLIP heads and the
+    SigLIP bias.
+
+    Its checkpoints hold ``msclip.*`` (loadable by `MSClipModel.from_pretrained`, which drops the prefix and the
+    training-only weights) and the heads, so a resumed run continues exactly. The loss works across ranks of the
+    default process group (see `loss_msclip`).
+    """
+
+    def __init__(self, config: MSClipConfig) -> None:
+        super().__init__(config)
+        objective = config.objective_config
+        self.msclip = MSClipModel(config)
+        self.logit_bias = None
+        self.image_head = self.text_head = self.nclip_loss = None
+        if objective.loss in ("clip", "xclip"):
+            self.clip_loss = ClipLoss(objective.local_loss, objective.gather_with_grad, config.logit_scale_max)
+        if objective.loss == "siglip":
+            self.clip_loss = SigLipLoss(config.logit_scale_max)
+            self.logit_bias = nn.Parameter(torch.full((1,), float(objective.siglip_logit_bias_init)))
+        if objective.uses_nclip:
+            head_kwargs = {
+                "in_dim": config.projection_dim,
+                "hidden_dim": objective.nclip_hidden_dim,
+                "bottleneck_dim": objective.nclip_bottleneck_dim,
+                "num_layers": objective.nclip_head_layers,
+                "num_prototypes": objective.nclip_num_prototypes,
+            }
+            self.image_head = NClipHead(**head_kwargs)
+            shared_prototypes = self.image_head.prototypes if objective.nclip_share_prototypes else None
+            self.text_head = NClipHead(**head_kwargs, prototypes=shared_prototypes)
+            if shared_prototypes is not None:
+                # One prototype matrix reachable from both heads: declared so checkpoints store it once.
+                self._tied_weights_keys = {
+                    f"text_head.prototypes.{name}": f"image_head.prototypes.{name}"
+                    for name, _ in shared_prototypes.named_parameters()
+                }
+            self.nclip_loss = NClipLoss(
+                num_prototypes=objective.nclip_num_prototypes,
+                student_temp=objective.nclip_student_temperature,
+                teacher_temp=objective.nclip_teacher_temperature,
+                stop_grad_targets=objective.nclip_stop_grad_targets,
+                center_momentum=objective.nclip_center_momentum,
+                lambda_sharp=objective.nclip_lambda_sharp,
+                lambda_smooth=objective.nclip_lambda_smooth,
+            )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.msclip.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = True,
+        **kwargs: Any,
+    ) -> MSClipPreTrainingOutput:
+        """Embed the pairs and, with ``return_loss`` (the default), compute the configured objective."""
+        outputs = self.msclip(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+        objective = self.config.objective_config
+        result = MSClipPreTrainingOutput(
+            logits_per_image=outputs.logits_per_image,
+            logits_per_text=outputs.logits_per_text,
+            text_embeds=outputs.text_embeds,
+            image_embeds=outputs.image_embeds,
+            logit_scale=outputs.logit_scale,
+            logit_bias=self.logit_bias,
+        )
+        if self.image_head is not None:
+            result.image_prototype_scores = self.image_head(outputs.vision_model_output.pooler_output)
+            result.text_prototype_scores = self.text_head(outputs.text_model_output.pooler_output)
+        if not return_loss:
+            return result
+        terms: dict[str, torch.Tensor] = {}
+        loss = None
+        if objective.loss == "siglip":
+            loss = self.clip_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, self.logit_bias)
+            terms["siglip"] = loss
+        elif objective.loss in ("clip", "xclip"):
+            loss = self.clip_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale)
+            terms["clip"] = loss
+        if self.nclip_loss is not None:
+            nclip = self.nclip_loss(result.image_prototype_scores, result.text_prototype_scores)
+            terms.update({key: value for key, value in vars(nclip).items() if key != "total"})
+            terms["nclip"] = nclip.total
+            loss = (
+                nclip.total
+                if loss is None
+                else xclip_loss(loss, nclip.total, objective.clip_weight, objective.nclip_weight)
+            )
+        terms["logit_scale_exp"] = outputs.logit_scale.exp()
+        result.loss = loss
+        result.loss_terms = {key: value.detach().float().reshape(()) for key, value in terms.items()}
+        return result
 
 
 class MSClipForImageClassification(MSClipPreTrainedModel):
@@ -877,6 +1018,8 @@ MSClipForImageClassification.register_for_auto_class("AutoModelForImageClassific
 
 __all__ = [
     "MSClipForImageClassification",
+    "MSClipForPreTraining",
+    "MSClipPreTrainingOutput",
     "MSClipModel",
     "MSClipOutput",
     "MSClipPreTrainedModel",

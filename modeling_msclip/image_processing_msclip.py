@@ -1,0 +1,88 @@
+"""MS-CLIP image processor: CLIP's PIL/NumPy pipeline with the MS-CLIP normalisation statistics.
+
+The official MS-CLIP evaluation resizes the shortest edge to 224 with bicubic interpolation, centre-crops 224 x 224
+(torchvision ``Resize``/``CenterCrop`` on PIL images) and normalises with the ImageNet mean/std, not OpenAI CLIP's.
+This class reproduces that with PIL and NumPy only (no torchvision needed).
+
+This file must only import the standard library, ``numpy`` and ``transformers``: it is copied next to saved
+checkpoints and imported by ``trust_remote_code=True`` where ``modeling_msclip`` is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# Normalisation statistics per preset; the geometry (bicubic shortest-edge resize, centre crop) is shared.
+IMAGE_PRESETS: dict[str, dict[str, tuple[float, float, float]]] = {
+    "msclip": {"image_mean": tuple(IMAGENET_DEFAULT_MEAN), "image_std": tuple(IMAGENET_DEFAULT_STD)},
+    "clip": {"image_mean": tuple(OPENAI_CLIP_MEAN), "image_std": tuple(OPENAI_CLIP_STD)},
+}
+DEFAULT_IMAGE_SIZE = 224
+
+
+class MSClipImageProcessor(CLIPImageProcessorPil):
+    """Image processor for MS-CLIP (PIL backend).
+
+    Defaults: convert to RGB, bicubic resize of the shortest edge to 224, centre crop 224 x 224, rescale to [0, 1],
+    normalise with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). Every option of
+    ``CLIPImageProcessorPil`` can be overridden; ``from_preset`` builds the MS-CLIP or the OpenAI CLIP preset at any
+    image size.
+
+    The centre crop rounds its offset like torchvision's ``CenterCrop`` (``round((height - crop) / 2)``), which the
+    official evaluation used; transformers' own crop floors it, which differs by one pixel when the excess is 3 mod 4.
+    """
+
+    image_mean = list(IMAGENET_DEFAULT_MEAN)
+    image_std = list(IMAGENET_DEFAULT_STD)
+    model_input_names = ["pixel_values"]
+    # Saving writes `auto_map` and copies this file next to the checkpoint, so `trust_remote_code=True` can load it.
+    _auto_class = "AutoImageProcessor"
+
+    @classmethod
+    def from_preset(
+        cls, preset: str = "msclip", image_size: int = DEFAULT_IMAGE_SIZE, **kwargs: Any
+    ) -> MSClipImageProcessor:
+        """Build a processor for a named normalisation preset and a square input size.
+
+        Args:
+            preset: ``"msclip"`` (ImageNet mean/std, what MS-CLIP was trained and evaluated with) or ``"clip"``
+                (OpenAI CLIP mean/std).
+            image_size: side of the square model input; the shortest edge is resized to it, then centre-cropped.
+            **kwargs: any other image-processor option, overriding the preset (for example ``resample``).
+
+        Returns:
+            A configured ``MSClipImageProcessor``.
+        """
+        if preset not in IMAGE_PRESETS:
+            raise ValueError(f"Unknown image preset {preset!r}; choose one of {sorted(IMAGE_PRESETS)}")
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        settings: dict[str, Any] = {
+            "image_mean": list(IMAGE_PRESETS[preset]["image_mean"]),
+            "image_std": list(IMAGE_PRESETS[preset]["image_std"]),
+            "size": {"shortest_edge": image_size},
+            "crop_size": {"height": image_size, "width": image_size},
+        }
+        settings.update(kwargs)
+        return cls(**settings)
+
+    def center_crop(self, image: np.ndarray, size: Any, **kwargs: Any) -> np.ndarray:
+        """Crop the centre of a channels-first image, rounding the offset like torchvision's ``CenterCrop``.
+
+        Images smaller than the crop fall back to transformers' behaviour (zero padding).
+        """
+        if size.height is None or size.width is None:
+            raise ValueError(f"crop_size must have 'height' and 'width', got {size}")
+        height, width = image.shape[-2:]
+        if height < size.height or width < size.width:
+            return super().center_crop(image, size, **kwargs)
+        top = int(round((height - size.height) / 2.0))
+        left = int(round((width - size.width) / 2.0))
+        return image[..., top : top + size.height, left : left + size.width]
+
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "IMAGE_PRESETS", "MSClipImageProcessor"]

@@ -1,0 +1,91 @@
+"""Build the MS-CLIP tokenizer directory from OpenAI CLIP's BPE merges file.
+
+Usage:
+    python processing/build_tokenizer.py --vocab bpe_simple_vocab_16e6.txt.gz --output tokenizer/ [--overwrite]
+
+The output directory loads with ``AutoTokenizer.from_pretrained(output)`` once ``modeling_msclip`` is imported, or
+with ``trust_remote_code=True`` anywhere (``tokenization_msclip.py`` is copied into it). The merges file itself is
+not copied: it is OpenAI's file and ``tokenizer.json`` holds everything the tokenizer needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+try:
+    from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer
+except ModuleNotFoundError:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer
+
+# SHA-256 of OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz (identical in the MS-CLIP repository).
+OFFICIAL_VOCAB_SHA256 = "fc496842c2d4b6e40b2bd1207a5ded6e425e6a7cf9c16afa86caa5d7d12df233"
+# Captions used to check that the saved directory reloads to the same tokenizer.
+ROUND_TRIP_CAPTIONS = ["a photo of a cat", "Hello, World!", "café &amp; <|endoftext|> 123", ""]
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hexadecimal SHA-256 digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab", type=Path, required=True, help="path to bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--output", type=Path, required=True, help="directory to write the tokenizer into")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
+    parser.add_argument(
+        "--truncation-style",
+        choices=["keep_end", "official"],
+        default="keep_end",
+        help="default truncation of over-length captions saved with the tokenizer (see docs/processor.md)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, save and verify the tokenizer; return the process exit status."""
+    args = parse_args(argv)
+    if not args.vocab.is_file():
+        print(f"error: vocabulary file not found: {args.vocab}", file=sys.stderr)
+        return 2
+    if args.output.exists() and not args.output.is_dir():
+        print(f"error: --output {args.output} exists and is not a directory", file=sys.stderr)
+        return 2
+    if args.output.is_dir() and any(args.output.iterdir()) and not args.overwrite:
+        print(f"error: --output {args.output} is not empty; pass --overwrite to write into it", file=sys.stderr)
+        return 2
+
+    digest = file_sha256(args.vocab)
+    if digest != OFFICIAL_VOCAB_SHA256:
+        print(f"warning: {args.vocab} has SHA-256 {digest}, not the official CLIP file's", file=sys.stderr)
+
+    try:
+        tokenizer = build_msclip_tokenizer(args.vocab, truncation_style=args.truncation_style)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(args.output)
+
+    reloaded = MSClipTokenizer.from_pretrained(args.output)
+    expected = tokenizer(ROUND_TRIP_CAPTIONS)["input_ids"]
+    if reloaded(ROUND_TRIP_CAPTIONS)["input_ids"] != expected:
+        print(f"error: the tokenizer saved in {args.output} does not reload to the same ids", file=sys.stderr)
+        return 1
+    print(f"MS-CLIP tokenizer (vocabulary {len(tokenizer)}) written to {args.output}, which now holds:")
+    for path in sorted(args.output.iterdir()):
+        print(f"  {path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

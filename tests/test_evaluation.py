@@ -1,0 +1,611 @@
+"""Tests of modeling_msclip.evaluation_msclip.
+
+Metric functions are checked against values worked out by hand in the comments. The model-driven wrappers are
+checked against an independent path through a real (tiny, randomly initialised) `transformers.CLIPModel`, which
+has the same `get_*_features(...).pooler_output` API as MS-CLIP, and a real `Trainer`.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from modeling_msclip import evaluation_msclip as ev
+from modeling_msclip.evaluation_msclip import (
+    ZeroShotEvalCallback,
+    encode_images,
+    encode_texts,
+    evaluate_linear_probe,
+    evaluate_retrieval,
+    evaluate_zero_shot,
+    format_results_table,
+    linear_probe,
+    retrieval_metrics,
+    save_results_json,
+    zero_shot_classifier,
+    zero_shot_metrics,
+)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# zero-shot classifier and metrics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_classifier_normalises_each_template_before_averaging():
+    # Class 0 templates (4,0,0) and (0,1,0): normalised (1,0,0),(0,1,0) -> mean (.5,.5,0) -> (1/sqrt2, 1/sqrt2, 0).
+    # Averaging the raw vectors would give (2, .5, 0)/|.| instead, so this pins the per-template normalisation.
+    # Class 1 has one template (0,0,3) -> (0,0,1).
+    per_class = [torch.tensor([[4.0, 0, 0], [0, 1.0, 0]]), torch.tensor([[0, 0, 3.0]])]
+    weights = zero_shot_classifier(per_class)
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(weights, torch.tensor([[s, s, 0.0], [0.0, 0.0, 1.0]]))
+    # The [C, T, E] tensor form gives the same result.
+    stacked = torch.tensor([[[4.0, 0, 0], [0, 1.0, 0]], [[0, 0, 3.0], [0, 0, 1.0]]])
+    torch.testing.assert_close(zero_shot_classifier(stacked), weights)
+
+
+def test_zero_shot_metrics_hand_computed_ranks():
+    # Identity classifier: the logit of class c is x_c / |x|, so the rank of the true class is read off directly.
+    classifier = torch.eye(3)
+    images = torch.tensor(
+        [
+            [3.0, 2.0, 1.0],  # label 0: class 0 is the largest          -> rank 0
+            [1.0, 3.0, 2.0],  # label 2: class 1 beats it                -> rank 1
+            [2.0, 1.0, 3.0],  # label 1: classes 2 and 0 beat it         -> rank 2
+            [1.0, 2.0, 3.0],  # label 2: largest                         -> rank 0
+        ]
+    )
+    labels = torch.tensor([0, 2, 1, 2])
+    metrics = zero_shot_metrics(images, classifier, labels, top_k=(1, 2, 5), class_names=["cat", "dog", "car"])
+    assert metrics["top1"] == pytest.approx(2 / 4)
+    assert metrics["top2"] == pytest.approx(3 / 4)
+    assert metrics["top5"] == pytest.approx(1.0)  # capped at 3 classes
+    # per-class top-1 recall: cat {img0} 1/1, dog {img2} 0/1, car {img1, img3} 1/2
+    assert metrics["per_class_accuracy"] == pytest.approx({"cat": 1.0, "dog": 0.0, "car": 0.5})
+    assert metrics["mean_per_class_recall"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert metrics["num_samples"] == 4 and metrics["num_classes"] == 3
+
+
+def test_zero_shot_cross_entropy_uses_logit_scale():
+    # Two classes, one image (1, 1, 0) with label 0 and classifier rows e0, e1 + e2 direction.
+    # cos(img, e0) = 1/sqrt2, cos(img, (0,1,1)/sqrt2) = 1/2. With scale 2: logits (sqrt2, 1).
+    classifier = torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]])
+    image = torch.tensor([[1.0, 1.0, 0.0]])
+    metrics = zero_shot_metrics(image, classifier, torch.tensor([0]), logit_scale=2.0)
+    expected = -(math.sqrt(2) - math.log(math.exp(math.sqrt(2)) + math.exp(1.0)))
+    assert metrics["cross_entropy"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["top1"] == 1.0
+
+
+def test_zero_shot_ties_count_against_the_model():
+    # (1, 1, 0) ties classes 0 and 1: pessimistic ranking gives rank 1 -> not a top-1 hit.
+    # A zero embedding ties everything (a collapsed model) and must not score 100 %.
+    images = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    metrics = zero_shot_metrics(images, torch.eye(3), torch.tensor([0, 2]), top_k=(1, 2))
+    assert metrics["top1"] == 0.0
+    assert metrics["top2"] == pytest.approx(1 / 2)  # first image: rank 1 < 2; zero image: rank 2
+
+
+def test_zero_shot_metrics_rejects_bad_input():
+    with pytest.raises(ValueError, match="labels contains index 3"):
+        zero_shot_metrics(torch.ones(2, 3), torch.eye(3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="embed_dim"):
+        zero_shot_metrics(torch.ones(2, 4), torch.eye(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        zero_shot_metrics(torch.tensor([[float("nan"), 0, 0]]), torch.eye(3), torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# retrieval
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_hand_computed_with_several_captions_per_image():
+    images = torch.eye(3)  # image k = e_k, so sim(text t, image k) = t_k / |t|
+    texts = torch.tensor(
+        [
+            [0.2, 1.0, 0.0],  # t0 -> image 0
+            [1.0, 0.0, 0.5],  # t1 -> image 0
+            [0.0, 0.3, 1.0],  # t2 -> image 1
+            [0.5, 0.0, 0.4],  # t3 -> image 2
+            [0.6, 0.5, 0.1],  # t4 -> image 2
+        ]
+    )
+    owners = torch.tensor([0, 0, 1, 2, 2])
+    # text->image ranks (largest component first): t0: image1 > image0 -> 1; t1: 0; t2: image2 > image1 -> 1;
+    # t3: image0 > image2 -> 1; t4: image0 > image1 > image2 -> 2.  R@1 = 1/5, R@2 = 4/5, R@3 = 5/5.
+    # image->text, normalised text components:
+    #   t0 (.196, .981, 0), t1 (.894, 0, .447), t2 (0, .287, .958), t3 (.781, 0, .625), t4 (.762, .635, .127)
+    # image0: best own caption t1 .894, no other caption >= it                  -> rank 0
+    # image1: own t2 .287; t0 .981 and t4 .635 are higher                       -> rank 2
+    # image2: own t3 .625 (t4 only .127, "any caption" uses the best); t2 .958 -> rank 1
+    # R@1 = 1/3, R@2 = 2/3, R@3 = 3/3.
+    metrics = retrieval_metrics(images, texts, owners, ks=(1, 2, 3))
+    assert metrics["text_to_image_recall@1"] == pytest.approx(1 / 5)
+    assert metrics["text_to_image_recall@2"] == pytest.approx(4 / 5)
+    assert metrics["text_to_image_recall@3"] == pytest.approx(1.0)
+    assert metrics["image_to_text_recall@1"] == pytest.approx(1 / 3)
+    assert metrics["image_to_text_recall@2"] == pytest.approx(2 / 3)
+    assert metrics["image_to_text_recall@3"] == pytest.approx(1.0)
+    assert metrics["mean_recall"] == pytest.approx((1 / 5 + 4 / 5 + 1 + 1 / 3 + 2 / 3 + 1) / 6)
+    assert (metrics["num_images"], metrics["num_texts"], metrics["num_images_without_captions"]) == (3, 5, 0)
+
+
+def test_retrieval_image_without_caption_is_gallery_only():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # image 1 has no caption
+    texts = torch.tensor([[0.4, 1.0]])  # belongs to image 0 but is closer to image 1
+    metrics = retrieval_metrics(images, texts, torch.tensor([0]), ks=(1, 2))
+    assert metrics["num_images_without_captions"] == 1
+    assert metrics["text_to_image_recall@1"] == 0.0  # image 1 (a distractor) ranks first
+    assert metrics["text_to_image_recall@2"] == 1.0
+    assert metrics["image_to_text_recall@1"] == 1.0  # only image 0 is a query; its one caption is first
+
+
+def _brute_force_recalls(images, texts, owners, ks):
+    """Independent reference: sort every similarity row and look for the positives (captionless images skipped)."""
+    sims = F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T
+    queries = [i for i in range(len(images)) if (owners == i).any()]
+    out = {}
+    for k in ks:
+        hits = [
+            bool(
+                set(sims[i].argsort(descending=True)[:k].tolist()) & set(torch.nonzero(owners == i).flatten().tolist())
+            )
+            for i in queries
+        ]
+        out[f"image_to_text_recall@{k}"] = float(np.mean(hits))
+        hits = [int(owners[t]) in sims[:, t].argsort(descending=True)[:k].tolist() for t in range(len(texts))]
+        out[f"text_to_image_recall@{k}"] = float(np.mean(hits))
+    return out
+
+
+def test_retrieval_matches_brute_force_and_is_chunk_independent(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(40, 8, generator=generator)
+    # 3 captions per image, image 36 only 2, images 37-39 none (gallery-only distractors)
+    owners = torch.arange(40).repeat_interleave(3)[:110]
+    texts = images[owners] + 1.5 * torch.randn(110, 8, generator=generator)
+    ks = (1, 5, 10)
+    full = retrieval_metrics(images, texts, owners, ks=ks)
+    reference = _brute_force_recalls(images, texts, owners, ks)
+    assert {k: full[k] for k in reference} == pytest.approx(reference)
+    assert 0.0 < full["text_to_image_recall@1"] < 1.0  # a non-trivial case
+    assert full["num_images_without_captions"] == 3
+    monkeypatch.setattr(ev, "_RANK_CHUNK", 7)
+    assert retrieval_metrics(images, texts, owners, ks=ks) == full
+
+
+def test_retrieval_rejects_bad_index():
+    with pytest.raises(ValueError, match="only 2 candidates"):
+        retrieval_metrics(torch.eye(2), torch.eye(2), torch.tensor([0, 2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# linear probe
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _blobs(num_per_class, centers, generator, spread=0.3):
+    features = torch.cat(
+        [torch.tensor(c) + spread * torch.randn(n, len(c), generator=generator) for c, n in zip(centers, num_per_class)]
+    )
+    labels = torch.cat([torch.full((n,), i) for i, n in enumerate(num_per_class)])
+    return features, labels
+
+
+def test_linear_probe_separable_data_is_perfect():
+    generator = torch.Generator().manual_seed(1)
+    centers = [(4.0, 0.0), (-4.0, 0.0), (0.0, 4.0)]
+    train = _blobs([20, 20, 20], centers, generator)
+    test = _blobs([10, 10, 10], centers, generator)
+    result = linear_probe(*train, *test)
+    assert result["accuracy"] == 1.0
+    assert result["mean_per_class_recall"] == 1.0
+    assert result["num_classes"] == 3
+    # 20 % of each 20-sample class held out for the sweep: 4 x 3; the final fit uses all 60
+    assert (result["num_train"], result["num_validation"], result["num_test"]) == (60, 12, 30)
+
+
+def test_linear_probe_non_separable_reaches_bayes_bound():
+    # One feature with two values. At x = -1 three of four samples are class 0, at x = +1 three of four are class 1.
+    # Any classifier assigns one label per x value, so accuracy <= 6/8; the Bayes rule (sign of x) reaches it.
+    x = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0])[:, None]
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])
+    result = linear_probe(x.repeat(5, 1), y.repeat(5), x, y)
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["mean_per_class_recall"] == pytest.approx(0.75)
+
+
+def test_linear_probe_sweep_selects_by_validation_accuracy():
+    # 30 + 10 training samples, validation fraction 0.2 -> 6 + 2 held out, fit on 24 + 8.
+    # l2 = 1e4 shrinks W to ~0, so it predicts the majority class (the bias): held-out accuracy 6/8.
+    # l2 = 1e-3 separates the blobs: held-out accuracy 1. The sweep must pick 1e-3.
+    generator = torch.Generator().manual_seed(2)
+    centers = [(3.0, 0.0), (-3.0, 0.0)]
+    train = _blobs([30, 10], centers, generator)
+    test = _blobs([5, 5], centers, generator)
+    result = linear_probe(*train, *test, l2_grid=(1e-3, 1e4))
+    assert result["sweep"] == [{"l2": 1e4, "validation_accuracy": 0.75}, {"l2": 1e-3, "validation_accuracy": 1.0}]
+    assert result["best_l2"] == 1e-3 and result["num_validation"] == 8
+    assert result["accuracy"] == 1.0
+    # Equal held-out accuracy: the larger penalty (the simpler model) wins.
+    tie = linear_probe(*train, *test, l2_grid=(1e-3, 1e-2))
+    assert [row["validation_accuracy"] for row in tie["sweep"]] == [1.0, 1.0] and tie["best_l2"] == 1e-2
+    # Deterministic: a second run gives the very same numbers.
+    assert linear_probe(*train, *test, l2_grid=(1e-3, 1e4)) == result
+
+
+def test_logistic_regression_matches_scikit_learn():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model")
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(60, 5, generator=generator, dtype=torch.float64)
+    labels = (features[:, 0] + 0.5 * torch.randn(60, generator=generator, dtype=torch.float64) > 0).long()
+    labels[features[:, 1] > 0.8] = 2
+    l2 = 0.1
+    weight, bias = ev._fit_logistic_regression(features, labels, 3, l2, max_iter=500, tolerance=1e-10)
+    ours = torch.softmax(features @ weight.T + bias, dim=1).numpy()
+    # Our objective is sklearn's divided by n: C = 1 / (l2 * n).
+    reference = sklearn_linear.LogisticRegression(C=1 / (l2 * 60), tol=1e-10, max_iter=10_000).fit(
+        features.numpy(), labels.numpy()
+    )
+    np.testing.assert_allclose(ours, reference.predict_proba(features.numpy()), atol=1e-5)
+
+
+def test_linear_probe_rejects_bad_input():
+    with pytest.raises(ValueError, match="dims"):
+        linear_probe(torch.ones(4, 2), torch.tensor([0, 1, 0, 1]), torch.ones(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="no class has 2"):
+        linear_probe(torch.eye(2), torch.tensor([0, 1]), torch.eye(2), torch.tensor([0, 1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reporting
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_results_table_and_json(tmp_path):
+    results = {
+        "zeroshot": {"top1": 0.5, "num_samples": 4, "per_class_accuracy": {"a": 1.0}},
+        "retrieval": {"image_to_text_recall@1": 1 / 3},
+    }
+    table = format_results_table(results).splitlines()
+    assert table[0].split("|")[0].strip() == "task"
+    assert [line.split("|")[2].strip() for line in table[2:]] == ["0.5000", "4", "0.3333"]
+    assert not any("per_class" in line for line in table)
+    path = save_results_json({"zeroshot": {"top1": float("nan"), "x": torch.tensor([1.0])}}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"zeroshot": {"top1": None, "x": [1.0]}}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_results_json(results, path)
+    save_results_json(results, path, overwrite=True)
+    assert json.loads(path.read_text())["zeroshot"]["top1"] == 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model-driven wrappers on a real tiny CLIPModel
+# ----------------------------------------------------------------------------------------------------------------------
+
+WORDS = ["a", "photo", "of", "the", "an", "image", "red", "green", "blue", "square", "thing", "."]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3} | {w: i + 4 for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 1), ("[EOS]", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16
+    )
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    model.set_attn_implementation("eager")
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tokenizer, image_processor
+
+
+def _images():
+    colours = [(200, 20, 20), (20, 200, 20), (20, 20, 200), (220, 60, 60), (60, 220, 60), (60, 60, 220)]
+    generator = np.random.default_rng(0)
+    images = []
+    for colour in colours:
+        noise = generator.integers(-20, 20, size=(40, 48, 3))
+        images.append(Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)))
+    return images, [0, 1, 2, 0, 1, 2]
+
+
+def test_encode_texts_matches_model_forward(tiny_clip):
+    model, tokenizer, _ = tiny_clip
+    texts = ["a photo of a red square .", "green", "the blue thing", "an image of the green square .", "red"]
+    embeds = encode_texts(model, tokenizer, texts, batch_size=2)  # batches padded to different lengths
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**tokens, pixel_values=torch.zeros(1, 3, 32, 32))
+    torch.testing.assert_close(F.normalize(embeds, dim=-1), out.text_embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_images_processor_transform_and_tensor_agree(tiny_clip):
+    model, _, image_processor = tiny_clip
+    images, _ = _images()
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    from_processor = encode_images(model, image_processor, images, batch_size=4)
+    from_tensor = encode_images(model, None, pixel_values, batch_size=5)
+    from_transform = encode_images(
+        model, lambda img: image_processor(images=[img], return_tensors="pt")["pixel_values"][0], images
+    )
+    with torch.no_grad():
+        reference = model.get_image_features(pixel_values=pixel_values).pooler_output
+    for embeds in (from_processor, from_tensor, from_transform):
+        torch.testing.assert_close(embeds, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image 1 cannot be read"):
+        encode_images(model, image_processor, [images[0], "/nonexistent/file.png"])
+
+
+def test_evaluate_zero_shot_matches_forward_logits_and_skips_bad_records(tiny_clip, tmp_path):
+    import datasets
+
+    model, tokenizer, image_processor = tiny_clip
+    images, labels = _images()
+    names = ["red", "green", "blue"]
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "label": labels},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}),
+    )
+    model.train()
+    template = ("a photo of the {} thing .",)
+    metrics = evaluate_zero_shot(model, (tokenizer, image_processor), dataset, templates=template, batch_size=4)
+    assert model.training  # the training flag is restored
+    # Independent path: the model's own forward logits between every image and every class prompt.
+    model.eval()
+    prompts = tokenizer([template[0].format(n) for n in names], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**prompts, **image_processor(images=images, return_tensors="pt")).logits_per_image
+    expected_top1 = (logits.argmax(dim=1) == torch.tensor(labels)).double().mean().item()
+    assert metrics["top1"] == pytest.approx(expected_top1)
+    assert metrics["num_samples"] == 6 and metrics["num_skipped"] == 0
+    assert set(metrics["per_class_accuracy"]) == set(names)
+
+    # A row with a missing file and one with an out-of-range label are skipped and counted, not fatal.
+    rows = [{"image": img, "label": lab} for img, lab in zip(images, labels)]
+    rows += [{"image": str(tmp_path / "missing.png"), "label": 0}, {"image": images[0], "label": 7}]
+    skipped = evaluate_zero_shot(model, (tokenizer, image_processor), rows, names, template, batch_size=4)
+    assert skipped["num_skipped"] == 2 and skipped["num_samples"] == 6
+    assert skipped["top1"] == pytest.approx(expected_top1)
+
+
+def test_evaluate_retrieval_matches_metric_on_forward_embeddings(tiny_clip):
+    model, tokenizer, image_processor = tiny_clip
+    images, _ = _images()
+    captions = [
+        ["red square", "a red thing"],
+        "green square",
+        ["blue thing", "the blue square ."],
+        "red",
+        ["green thing"],
+        "blue",
+    ]
+    rows = [{"image": img, "text": cap} for img, cap in zip(images, captions)]
+    metrics = evaluate_retrieval(model, (tokenizer, image_processor), rows, batch_size=4)
+    flat = [c for cap in captions for c in ([cap] if isinstance(cap, str) else cap)]
+    owners = torch.tensor([i for i, cap in enumerate(captions) for _ in ([cap] if isinstance(cap, str) else cap)])
+    model.eval()
+    with torch.no_grad():
+        out = model(
+            **tokenizer(flat, padding=True, return_tensors="pt"), **image_processor(images=images, return_tensors="pt")
+        )
+    expected = retrieval_metrics(out.image_embeds, out.text_embeds, owners)
+    for key in ("image_to_text_recall@1", "text_to_image_recall@1", "text_to_image_recall@5"):
+        assert metrics[key] == pytest.approx(expected[key])
+    assert metrics["num_texts"] == 8 and metrics["num_skipped"] == 0
+
+
+def test_evaluate_linear_probe_equals_probe_on_encoded_features(tiny_clip):
+    model, _, image_processor = tiny_clip
+    images, labels = _images()
+    rows = [{"image": img, "label": lab} for img, lab in zip(images, labels)]
+    result = evaluate_linear_probe(model, (None, image_processor), rows * 2, rows, l2_grid=(1e-2,))
+    features = encode_images(model, image_processor, images)
+    expected = linear_probe(
+        features.repeat(2, 1), torch.tensor(labels * 2), features, torch.tensor(labels), l2_grid=(1e-2,)
+    )
+    assert result["accuracy"] == expected["accuracy"] and result["num_skipped"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer callback with a real Trainer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _trainer(tiny_clip, tmp_path, callback, **arg_overrides):
+    from transformers import Trainer, TrainingArguments
+
+    model, tokenizer, image_processor = tiny_clip
+    images, _ = _images()
+    tokens = tokenizer(
+        ["red square", "green square", "blue square", "red", "green", "blue"],
+        padding="max_length",
+        max_length=6,
+        return_tensors="pt",
+    )
+    pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    train = [
+        {"input_ids": tokens["input_ids"][i], "attention_mask": tokens["attention_mask"][i], "pixel_values": pixels[i]}
+        for i in range(6)
+    ]
+
+    def collate(rows):
+        batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+        return batch | {"return_loss": True}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        save_strategy="no",
+        disable_tqdm=True,
+        **arg_overrides,
+    )
+    return Trainer(
+        model=model, args=args, train_dataset=train, eval_dataset=train, data_collator=collate, callbacks=[callback]
+    )
+
+
+def test_callback_logs_every_n_steps_through_the_trainer(tiny_clip, tmp_path):
+    _, tokenizer, image_processor = tiny_clip
+    images, labels = _images()
+    callback = ZeroShotEvalCallback(
+        (tokenizer, image_processor),
+        zero_shot_dataset=[{"image": i, "label": lab} for i, lab in zip(images, labels)],
+        class_names=["red", "green", "blue"],
+        templates=("the {} square",),
+        retrieval_dataset=[{"image": i, "text": t} for i, t in zip(images[:3], ["red", "green", "blue"])],
+        eval_steps=2,
+        run_on_evaluate=False,
+    )
+    trainer = _trainer(tiny_clip, tmp_path, callback)
+    callback.attach(trainer)
+    assert trainer.callback_handler.callbacks.count(callback) == 1
+    trainer.train()
+    entries = [e for e in trainer.state.log_history if "eval_zeroshot_top1" in e]
+    assert [e["step"] for e in entries] == [2, 4]
+    for entry in entries:
+        assert 0.0 <= entry["eval_zeroshot_top1"] <= 1.0
+        assert "eval_retrieval_image_to_text_recall@1" in entry and "epoch" in entry
+        assert "eval_zeroshot_per_class_accuracy" not in entry  # only scalars are logged
+        assert "eval_zeroshot_num_samples" not in entry and entry["eval_zeroshot_num_skipped"] == 0
+    assert trainer.model.training  # evaluation put the model back into training mode
+
+
+def test_callback_merges_metrics_into_trainer_evaluate(tiny_clip, tmp_path):
+    _, tokenizer, image_processor = tiny_clip
+    images, labels = _images()
+    callback = ZeroShotEvalCallback(
+        (tokenizer, image_processor),
+        zero_shot_dataset=[{"image": i, "label": lab} for i, lab in zip(images, labels)],
+        class_names=["red", "green", "blue"],
+        templates=("the {} square",),
+        metric_prefix="val",
+    )
+    trainer = _trainer(tiny_clip, tmp_path, callback)  # not attached: entries go straight into log_history
+    metrics = trainer.evaluate()
+    assert "val_zeroshot_top1" in metrics and "eval_loss" in metrics
+    logged = [e for e in trainer.state.log_history if "val_zeroshot_top1" in e]
+    assert len(logged) == 1 and logged[0]["val_zeroshot_top1"] == metrics["val_zeroshot_top1"]
+    assert logged[0]["step"] == 0
+
+
+def test_callback_requires_a_dataset():
+    with pytest.raises(ValueError, match="zero_shot_dataset and/or a retrieval_dataset"):
+        ZeroShotEvalCallback(None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line on a saved tiny MS-CLIP checkpoint
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_msclip(tmp_path_factory, msclip_tokenizer_dir):
+    """A randomly initialised msclip-s-tiny model and its processor, saved like a real checkpoint."""
+    from modeling_msclip import MSClipConfig, MSClipModel
+    from modeling_msclip.image_processing_msclip import MSClipImageProcessor
+    from modeling_msclip.processing_msclip import MSClipProcessor
+    from modeling_msclip.tokenization_msclip import MSClipTokenizer
+
+    torch.manual_seed(0)
+    config = MSClipConfig.from_preset("msclip-s-tiny")
+    size = config.vision_config.image_size
+    processor = MSClipProcessor(
+        image_processor=MSClipImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=MSClipTokenizer.from_pretrained(msclip_tokenizer_dir),
+    )
+    directory = tmp_path_factory.mktemp("tiny_msclip")
+    MSClipModel(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_cli_zero_shot_and_retrieval_on_saved_msclip(saved_tiny_msclip, tmp_path):
+    images, labels = _images()
+    names = ["red", "green", "blue"]
+    for index, (image, label) in enumerate(zip(images, labels)):
+        (tmp_path / "zs" / names[label]).mkdir(parents=True, exist_ok=True)
+        image.save(tmp_path / "zs" / names[label] / f"{index}.png")
+    (tmp_path / "ret").mkdir()
+    with open(tmp_path / "ret" / "metadata.jsonl", "w") as handle:
+        for index, image in enumerate(images[:3]):
+            image.save(tmp_path / "ret" / f"{index}.png")
+            handle.write(json.dumps({"file_name": f"{index}.png", "text": [f"a {names[index]} square", "a thing"]}))
+            handle.write("\n")
+    output = tmp_path / "results.json"
+    argv = [
+        "--model",
+        str(saved_tiny_msclip),
+        "--zero-shot-data",
+        str(tmp_path / "zs"),
+        "--retrieval-data",
+        str(tmp_path / "ret"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
+    ]
+    results = ev.main(argv)
+    written = json.loads(output.read_text())
+    assert written["zeroshot"]["num_samples"] == 6 and written["zeroshot"]["num_classes"] == 3
+    assert written["retrieval"]["num_texts"] == 6 and written["retrieval"]["num_images"] == 3
+    assert written["zeroshot"]["top1"] == pytest.approx(results["zeroshot"]["top1"])
+    # The CLI equals the Python API on the same data.
+    model, processor = ev.load_model_and_processor(saved_tiny_msclip, "cpu")
+    direct = evaluate_zero_shot(model, processor, ev.load_eval_dataset(tmp_path / "zs"))
+    assert direct["top1"] == pytest.approx(written["zeroshot"]["top1"])
+    with pytest.raises(SystemExit):  # an existing result file is not replaced without --overwrite
+        ev.main(argv)
+
+
+def test_linear_probe_unseen_test_classes_count_as_errors():
+    # Classes 0 and 1 are separable; test classes 5 and 6 never occur in training, so they are always wrong.
+    # accuracy = 4 / 8; per-class recall 1, 1, 0, 0 -> mean 0.5 (each unseen class counts on its own).
+    train = torch.tensor([[-2.0], [-1.0], [-1.5], [1.0], [2.0], [1.5]]), torch.tensor([0, 0, 0, 1, 1, 1])
+    test = (
+        torch.tensor([[-2.0], [-1.0], [1.0], [2.0], [0.0], [3.0], [-3.0], [0.5]]),
+        torch.tensor([0, 0, 1, 1, 5, 5, 6, 6]),
+    )
+    result = linear_probe(*train, *test, l2_grid=(1e-3,))
+    assert result["accuracy"] == pytest.approx(0.5)
+    assert result["mean_per_class_recall"] == pytest.approx(0.5)
+    assert result["sweep"] == [] and result["num_validation"] == 0
