@@ -10,6 +10,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForPreTraining,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
     AutoTokenizer,
@@ -38,6 +39,7 @@ AutoConfig.register(MSClipConfig.model_type, MSClipConfig, exist_ok=True)
 AutoModel.register(MSClipConfig, MSClipModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(MSClipConfig, MSClipModel, exist_ok=True)
 AutoModelForImageClassification.register(MSClipConfig, MSClipForImageClassification, exist_ok=True)
+AutoModelForPreTraining.register(MSClipConfig, MSClipForPreTraining, exist_ok=True)
 AutoTokenizer.register(MSClipConfig, tokenizer_class=MSClipTokenizer, exist_ok=True)
 AutoImageProcessor.register(MSClipConfig, image_processor_classes={"pil": MSClipImageProcessor}, exist_ok=True)
 AutoProcessor.register(MSClipConfig, MSClipProcessor, exist_ok=True)

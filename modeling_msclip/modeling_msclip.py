@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
@@ -286,6 +288,39 @@ class MSClipEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class MSClipBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the global batch of all data-parallel ranks.
+
+    In one process it is `nn.BatchNorm2d`. Under torch.distributed in training mode it all-reduces (with autograd)
+    the per-channel count, sum and sum of squares, so a 2-rank run normalises, and updates its running statistics,
+    exactly like one process on the concatenated batch. Unlike `nn.SyncBatchNorm` it also runs on CPU (gloo).
+    In eval mode it uses the running statistics, as the official model does at inference.
+    """
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(features)
+        local = torch.stack(
+            [
+                torch.full_like(features[0, :, 0, 0], features[:, 0].numel(), dtype=torch.float32),
+                features.float().sum(dim=(0, 2, 3)),
+                features.float().square().sum(dim=(0, 2, 3)),
+            ]
+        )
+        count, total, total_square = dist_nn.all_reduce(local).unbind(0)
+        mean = total / count
+        variance = (total_square / count - mean.square()).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = variance * count / (count - 1).clamp_min(1)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        scale = self.weight.float() * torch.rsqrt(variance + self.eps)
+        shift = self.bias.float() - mean * scale
+        return (features.float() * scale[None, :, None, None] + shift[None, :, None, None]).to(features.dtype)
+
+
 def conv_bn(
     in_channels: int, out_channels: int, kernel: int, stride: int, eps: float, groups: int = 1
 ) -> nn.Sequential:
@@ -293,7 +328,7 @@ def conv_bn(
     padding = kernel // 2 if kernel % 2 else 0
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels, eps=eps),
+        MSClipBatchNorm2d(out_channels, eps=eps),
     )
 
 
@@ -617,6 +652,7 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModel": "modeling_msclip.MSClipModel",
     "AutoModelForZeroShotImageClassification": "modeling_msclip.MSClipModel",
     "AutoModelForImageClassification": "modeling_msclip.MSClipForImageClassification",
+    "AutoModelForPreTraining": "modeling_msclip.MSClipForPreTraining",
 }
 
 
@@ -1015,6 +1051,7 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
 
 MSClipModel.register_for_auto_class("AutoModel")
 MSClipForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MSClipForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 
 __all__ = [
     "MSClipForImageClassification",

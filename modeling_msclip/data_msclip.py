@@ -1,0 +1,1489 @@
+"""Image-text data for MS-CLIP: loaders, decode-and-skip collators, augmentations and webdataset shards.
+
+Every loader returns a `datasets.Dataset` (or `datasets.IterableDataset` when streaming) with two canonical columns:
+
+* ``image``: a `datasets.Image(decode=False)` value, i.e. ``{"bytes": ..., "path": ...}``, so nothing is decoded
+  while the dataset is read and a corrupt file cannot crash a run there;
+* ``text``: the caption (a string, or None when the source had none).
+
+Images are decoded in the collator, which drops records with an unreadable image or an empty caption and counts them
+in a `DataStats` object. `DataStats` keeps its counters in shared memory, so the counts that `DataLoader` worker
+processes make are visible in the main process.
+"""
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+try:  # POSIX only; elsewhere `DataStats` is thread-safe but not process-safe.
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "imagefolder", "csv", "tsv", "jsonl", "webdataset", "hub", "classfolder")
+# Preferred order when a webdataset sample holds more than one image field.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CAPTION_EXTENSIONS = ("txt", "text", "caption")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "image_path", "filepath", "file_path", "file_name", "path", "jpg", "png")
+TEXT_COLUMN_CANDIDATES = ("text", "caption", "captions", "txt", "sentence", "sentences", "description", "title")
+METADATA_FILENAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+CLIP_CONTEXT_LENGTH = 77
+IMAGE_FEATURE = datasets.Image(decode=False)
+WEBDATASET_FEATURES = datasets.Features(
+    {
+        "image": IMAGE_FEATURE,
+        "text": datasets.Value("string"),
+        "__key__": datasets.Value("string"),
+        "__url__": datasets.Value("string"),
+        "json": datasets.Json(),
+    }
+)
+_NO_METADATA = "__msclip_no_metadata__"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Counting skipped records across threads and processes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _remove_lock_file(path: str, owner_pid: int) -> None:
+    # Forked workers inherit the finalizer; only the process that created the file may delete it.
+    if os.getpid() == owner_pid:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+class DataStats:
+    """Counts of records seen, kept and skipped, shared by the main process and its `DataLoader` workers.
+
+    The counters live in a shared-memory tensor: forked workers inherit it and spawned workers receive it through
+    torch's multiprocessing pickler, so increments made in any worker are visible in the process that created the
+    object. Updates take a per-process thread lock plus an ``flock`` on a small lock file, which makes them safe
+    across threads, workers and several data loaders sharing one object. Each process (and each rank under
+    torch.distributed) has its own counters; `as_dict(all_ranks=True)` sums them over ranks.
+
+    Invariant: ``seen == kept + skipped_corrupt_image + skipped_empty_caption``.
+    """
+
+    FIELDS = ("seen", "kept", "skipped_corrupt_image", "skipped_empty_caption")
+
+    def __init__(self, max_warnings: int = 5) -> None:
+        """Create zeroed counters.
+
+        Args:
+            max_warnings: how many skipped records each process logs with their reason (the rest are only counted).
+        """
+        self.max_warnings = max_warnings
+        self._counts = torch.zeros(len(self.FIELDS), dtype=torch.int64).share_memory_()
+        fd, self._lock_path = tempfile.mkstemp(prefix="msclip-datastats-", suffix=".lock")
+        os.close(fd)
+        weakref.finalize(self, _remove_lock_file, self._lock_path, os.getpid())
+        self._init_process_local_state()
+
+    def _init_process_local_state(self) -> None:
+        self._thread_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._lock_fd_pid: int | None = None
+        self._warnings_logged = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Under torch's ForkingPickler (DataLoader spawn/forkserver workers) the tensor travels as shared memory;
+        # under plain pickle it is copied, which yields independent counters.
+        return {"counts": self._counts, "lock_path": self._lock_path, "max_warnings": self.max_warnings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._counts = state["counts"]
+        self._lock_path = state["lock_path"]
+        self.max_warnings = state["max_warnings"]
+        self._init_process_local_state()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            if fcntl is None:
+                yield
+                return
+            # flock locks belong to an open file description, and a forked child shares its parent's: every
+            # process must open the file itself for the lock to exclude the others.
+            if self._lock_fd_pid != os.getpid():
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._lock_fd_pid = os.getpid()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def add(
+        self,
+        *,
+        seen: int = 0,
+        kept: int = 0,
+        skipped_corrupt_image: int = 0,
+        skipped_empty_caption: int = 0,
+    ) -> None:
+        """Add to the counters (one locked update, so call it once per batch rather than once per record)."""
+        delta = torch.tensor([seen, kept, skipped_corrupt_image, skipped_empty_caption], dtype=torch.int64)
+        with self._locked():
+            self._counts += delta
+
+    def reset(self) -> None:
+        """Set every counter back to zero."""
+        with self._locked():
+            self._counts.zero_()
+
+    def log_skip(self, reason: str, detail: str) -> None:
+        """Log why a record was skipped, for the first `max_warnings` skips of this process."""
+        if self._warnings_logged < self.max_warnings:
+            self._warnings_logged += 1
+            logger.warning("Skipping a record (%s): %s", reason, detail)
+
+    def as_dict(self, all_ranks: bool = False) -> dict[str, int]:
+        """Return the counters by name.
+
+        Args:
+            all_ranks: sum the counters over all torch.distributed ranks (a collective call: every rank must make
+                it). Ignored when torch.distributed is not initialised.
+        """
+        counts = self._counts.clone()
+        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        return dict(zip(self.FIELDS, (int(value) for value in counts.tolist())))
+
+    @property
+    def seen(self) -> int:
+        """Records examined."""
+        return int(self._counts[0])
+
+    @property
+    def kept(self) -> int:
+        """Records that made it into a batch."""
+        return int(self._counts[1])
+
+    @property
+    def skipped_corrupt_image(self) -> int:
+        """Records skipped because the image was missing, unreadable or corrupt."""
+        return int(self._counts[2])
+
+    @property
+    def skipped_empty_caption(self) -> int:
+        """Records skipped because the caption was missing, empty or only whitespace."""
+        return int(self._counts[3])
+
+    @property
+    def skipped(self) -> int:
+        """All skipped records."""
+        return self.skipped_corrupt_image + self.skipped_empty_caption
+
+    def summary(self, all_ranks: bool = False) -> str:
+        """One line for the end-of-run log, e.g. ``data: seen 100, kept 97, skipped 3 (corrupt image 2, ...)``."""
+        counts = self.as_dict(all_ranks=all_ranks)
+        skipped = counts["skipped_corrupt_image"] + counts["skipped_empty_caption"]
+        return (
+            f"data: seen {counts['seen']}, kept {counts['kept']}, skipped {skipped} "
+            f"(corrupt or unreadable image {counts['skipped_corrupt_image']}, "
+            f"empty caption {counts['skipped_empty_caption']})"
+        )
+
+    def __repr__(self) -> str:
+        return f"DataStats({self.as_dict()})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding records
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def convert_image_to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to RGB, compositing transparency onto white as transformers' image processors do."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image_bytes(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()  # force the full decode so truncated files fail here, not later inside a transform
+    return image
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode one image value into a fully loaded RGB PIL image.
+
+    Args:
+        value: a `datasets.Image(decode=False)` dict ``{"bytes", "path"}``, raw bytes, a local path or URL, a PIL
+            image or an ``(H, W[, C])`` uint8 array.
+
+    Returns:
+        The RGB image.
+
+    Raises:
+        ValueError, OSError, TypeError (or PIL's errors) when the value holds no readable image; callers that must
+        not crash catch `Exception`.
+    """
+    if value is None:
+        raise ValueError("the record has no image")
+    if isinstance(value, Image.Image):
+        value.load()
+        image = value
+    elif isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            image = _open_image_bytes(value["bytes"])
+        elif value.get("path"):
+            image = decode_image(value["path"])
+        else:
+            raise ValueError("the image value has neither bytes nor a path")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        image = _open_image_bytes(bytes(value))
+    elif isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if "://" in path:  # remote files go through datasets' own opener (hf://, http(s)://, s3://, ...)
+            image = datasets.Image(decode=True).decode_example({"path": path, "bytes": None})
+            image.load()
+        else:
+            with open(path, "rb") as handle:
+                image = _open_image_bytes(handle.read())
+    elif isinstance(value, np.ndarray):
+        image = Image.fromarray(value)
+    else:
+        raise TypeError(f"cannot decode an image from a {type(value).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image has zero size {image.size}")
+    return convert_image_to_rgb(image)
+
+
+def _describe_image(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return str(value.get("path") or "<bytes>")
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return f"<{type(value).__name__}>"
+
+
+def _clean_caption_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, float) and math.isnan(value):  # pandas reads an empty CSV cell as NaN
+        return None
+    if not isinstance(value, str):
+        value = str(value)
+    value = value.strip()
+    return value or None
+
+
+def extract_caption(record: Mapping[str, Any], text_column: str = "text", choice: str = "first") -> str | None:
+    """Return the stripped caption of a record, or None when it is missing, empty or whitespace.
+
+    A list of captions (several per image, COCO style) yields its first non-empty entry (``choice="first"``) or a
+    random one drawn from torch's RNG (``choice="random"``, seeded per `DataLoader` worker). When the text column is
+    missing or None, the ``caption`` key of a webdataset ``json`` field is used.
+    """
+    value = record.get(text_column)
+    if value is None and isinstance(record.get("json"), Mapping):
+        value = record["json"].get("caption")
+    if isinstance(value, (list, tuple)):
+        candidates = [caption for caption in (_clean_caption_value(item) for item in value) if caption]
+        if not candidates:
+            return None
+        if choice == "random":
+            return candidates[int(torch.randint(len(candidates), ()))]
+        return candidates[0]
+    return _clean_caption_value(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Image transforms (PIL / numpy / torch only)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _size_to_height_width(size: Any) -> tuple[int, int]:
+    """Read ``(height, width)`` from an int, a pair, a dict or a transformers ``SizeDict``."""
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    height = getattr(size, "height", None)
+    width = getattr(size, "width", None)
+    shortest_edge = getattr(size, "shortest_edge", None)
+    if isinstance(size, Mapping):
+        height, width, shortest_edge = size.get("height"), size.get("width"), size.get("shortest_edge")
+    if height and width:
+        return int(height), int(width)
+    if shortest_edge:
+        return int(shortest_edge), int(shortest_edge)
+    raise ValueError(f"Cannot read an output size (height and width, or shortest_edge) from {size!r}")
+
+
+def _three_floats(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values if not isinstance(values, (int, float)) else [values] * 3, dtype=np.float32)
+    if array.shape != (3,):
+        raise ValueError(f"{name} must have one value per RGB channel, got {values!r}")
+    return array
+
+
+def normalize_image(image: Image.Image, mean: np.ndarray, std: np.ndarray, rescale_factor: float) -> torch.Tensor:
+    """Turn an RGB PIL image into a ``(3, H, W)`` float tensor ``(pixel * rescale_factor - mean) / std``."""
+    array = np.asarray(image, dtype=np.float32) * np.float32(rescale_factor)
+    array = (array - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class TrainImageTransform:
+    """CLIP's training augmentation: random resized crop, optional horizontal flip, then normalisation.
+
+    The flip is off by default because captions often say "left" or "right". Randomness comes from torch's RNG
+    (or ``generator``); `DataLoader` seeds torch differently in every worker, so workers do not repeat crops.
+    """
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        horizontal_flip: bool = False,
+        resample: int = Image.Resampling.BICUBIC,
+        rescale_factor: float = 1 / 255,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Configure the augmentation.
+
+        Args:
+            size: output ``(height, width)`` or one int for a square.
+            mean: per-channel mean subtracted after rescaling to [0, 1].
+            std: per-channel standard deviation divided by.
+            scale: range of the crop's area as a fraction of the image's area (CLIP uses (0.9, 1.0)).
+            ratio: range of the crop's aspect ratio (width / height), sampled log-uniformly.
+            horizontal_flip: flip half of the images left-right.
+            resample: PIL resampling filter for the resize.
+            rescale_factor: multiplies the uint8 pixels before normalisation.
+            generator: optional torch generator for reproducible crops.
+        """
+        self.size = _size_to_height_width(size)
+        self.mean = _three_floats(mean, "mean")
+        self.std = _three_floats(std, "std")
+        if np.any(self.std == 0):
+            raise ValueError(f"std must not contain zeros, got {std!r}")
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale!r}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio!r}")
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.horizontal_flip = horizontal_flip
+        self.resample = resample
+        self.rescale_factor = rescale_factor
+        self.generator = generator
+
+    @classmethod
+    def from_image_processor(cls, image_processor: Any, **kwargs: Any) -> "TrainImageTransform":
+        """Build the transform with the output size, mean, std and rescale factor of an image processor.
+
+        The output size is the processor's ``crop_size`` (or ``size`` when it does not centre-crop), so training
+        and evaluation images have the same shape. Keyword arguments override the processor's values.
+        """
+        uses_crop = getattr(image_processor, "do_center_crop", True) and getattr(image_processor, "crop_size", None)
+        size = image_processor.crop_size if uses_crop else image_processor.size
+        options = {
+            "size": _size_to_height_width(size),
+            "mean": image_processor.image_mean,
+            "std": image_processor.image_std,
+            "rescale_factor": getattr(image_processor, "rescale_factor", 1 / 255),
+        }
+        resample = getattr(image_processor, "resample", None)
+        if resample is not None:
+            options["resample"] = int(resample)
+        options.update(kwargs)
+        size = options.pop("size")
+        return cls(size, **options)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the produced tensors."""
+        return self.size
+
+    def _uniform(self, low: float, high: float) -> float:
+        return float(torch.empty(()).uniform_(low, high, generator=self.generator))
+
+    def _randint(self, high_inclusive: int) -> int:
+        return int(torch.randint(high_inclusive + 1, (), generator=self.generator))
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """Sample a crop ``(left, top, right, bottom)`` inside a ``width`` x ``height`` image.
+
+        Ten tries at an area fraction in `scale` and a log-uniform aspect ratio in `ratio`; if none fits, the
+        largest centred crop whose aspect ratio lies within `ratio`.
+        """
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * self._uniform(*self.scale)
+            aspect = math.exp(self._uniform(*log_ratio))
+            crop_width = round(math.sqrt(target_area * aspect))
+            crop_height = round(math.sqrt(target_area / aspect))
+            if 0 < crop_width <= width and 0 < crop_height <= height:
+                top = self._randint(height - crop_height)
+                left = self._randint(width - crop_width)
+                return left, top, left + crop_width, top + crop_height
+        image_ratio = width / height
+        if image_ratio < self.ratio[0]:
+            crop_width, crop_height = width, round(width / self.ratio[0])
+        elif image_ratio > self.ratio[1]:
+            crop_width, crop_height = round(height * self.ratio[1]), height
+        else:
+            crop_width, crop_height = width, height
+        top = (height - crop_height) // 2
+        left = (width - crop_width) // 2
+        return left, top, left + crop_width, top + crop_height
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Augment one RGB PIL image into a normalised ``(3, height, width)`` tensor."""
+        image = convert_image_to_rgb(image)
+        box = self.crop_box(*image.size)
+        height, width = self.size
+        image = image.resize((width, height), resample=self.resample, box=box)
+        if self.horizontal_flip and self._uniform(0.0, 1.0) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return normalize_image(image, self.mean, self.std, self.rescale_factor)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainImageTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"horizontal_flip={self.horizontal_flip}, mean={self.mean.tolist()}, std={self.std.tolist()})"
+        )
+
+
+class EvalImageTransform:
+    """Evaluation preprocessing: bicubic resize of the shortest side, centre crop, normalisation.
+
+    Given an image processor it simply calls it, so evaluation uses exactly the processor's pixels. Without one
+    it runs the same steps with PIL and numpy (``size`` is the shortest side after resizing, ``crop_size`` the
+    output, the crop offset rounded like torchvision's ``CenterCrop``), which matches ``MSClipImageProcessor``.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        *,
+        size: int | None = None,
+        crop_size: int | tuple[int, int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        resample: int = Image.Resampling.BICUBIC,
+        rescale_factor: float = 1 / 255,
+    ) -> None:
+        """Wrap an image processor, or configure the PIL pipeline (then ``size``, ``mean`` and ``std`` are needed).
+
+        Args:
+            image_processor: any transformers image processor (e.g. ``MSClipImageProcessor``).
+            size: shortest side after the resize (PIL pipeline only).
+            crop_size: centre-crop output, an int or ``(height, width)``; defaults to ``size``.
+            mean: per-channel mean.
+            std: per-channel standard deviation.
+            resample: PIL resampling filter.
+            rescale_factor: multiplies the uint8 pixels before normalisation.
+        """
+        self.image_processor = image_processor
+        if image_processor is not None:
+            return
+        if size is None or mean is None or std is None:
+            raise ValueError("EvalImageTransform needs an image_processor, or size, mean and std")
+        self.shortest_edge = int(size)
+        self.crop_size = _size_to_height_width(crop_size if crop_size is not None else size)
+        if max(self.crop_size) > self.shortest_edge:
+            raise ValueError(f"crop_size {self.crop_size} must not exceed the resized shortest side {size}")
+        self.mean = _three_floats(mean, "mean")
+        self.std = _three_floats(std, "std")
+        self.resample = resample
+        self.rescale_factor = rescale_factor
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the produced tensors."""
+        if self.image_processor is None:
+            return self.crop_size
+        processor = self.image_processor
+        uses_crop = getattr(processor, "do_center_crop", True) and getattr(processor, "crop_size", None)
+        return _size_to_height_width(processor.crop_size if uses_crop else processor.size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one PIL image into a ``(3, height, width)`` tensor."""
+        image = convert_image_to_rgb(image)
+        if self.image_processor is not None:
+            return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        width, height = image.size
+        # Same rounding as transformers' get_resize_output_image_size(default_to_square=False).
+        if width <= height:
+            new_width, new_height = self.shortest_edge, int(self.shortest_edge * height / width)
+        else:
+            new_width, new_height = int(self.shortest_edge * width / height), self.shortest_edge
+        image = image.resize((new_width, new_height), resample=self.resample)
+        crop_height, crop_width = self.crop_size
+        # Offsets rounded like torchvision's CenterCrop, as MSClipImageProcessor (and the official evaluation) do.
+        top = int(round((new_height - crop_height) / 2.0))
+        left = int(round((new_width - crop_width) / 2.0))
+        image = image.crop((left, top, left + crop_width, top + crop_height))
+        return normalize_image(image, self.mean, self.std, self.rescale_factor)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collators
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _empty_pixel_values(transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    height, width = getattr(transform, "output_size", (0, 0))
+    return torch.zeros((0, 3, height, width), dtype=torch.float32)
+
+
+class ImageTextCollator:
+    """Decode, filter, transform and tokenise a list of records into a CLIP training batch.
+
+    Records with an empty or missing caption, or an image that cannot be decoded (or transformed), are dropped
+    from the batch and counted in `stats`; they never raise. The batch can therefore be smaller than requested,
+    and when every record is bad it is empty (``input_ids.shape[0] == 0``): training loops should skip such a
+    batch (under DDP, take a zero loss that still touches the parameters so every rank joins the reduction).
+    Works as a `DataLoader` ``collate_fn`` with ``num_workers > 0``: the counts reach the main process.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        image_column: str = "image",
+        text_column: str = "text",
+        padding: bool | str = True,
+        max_length: int = CLIP_CONTEXT_LENGTH,
+        caption_choice: str = "random",
+        stats: DataStats | None = None,
+    ) -> None:
+        """Configure the collator.
+
+        Args:
+            tokenizer: a transformers tokenizer (e.g. ``MSClipTokenizer``).
+            image_transform: maps an RGB PIL image to a ``(3, H, W)`` tensor (`TrainImageTransform`,
+                `EvalImageTransform`, ...).
+            image_column: record key of the image.
+            text_column: record key of the caption (a string or a list of strings).
+            padding: True / "longest" pads to the longest caption of the batch; "max_length" pads to `max_length`.
+            max_length: captions are truncated to this many tokens (77 for CLIP).
+            caption_choice: "random" or "first", for records holding a list of captions.
+            stats: counters to update; a new `DataStats` when omitted (read it back as ``collator.stats``).
+        """
+        if padding not in (True, "longest", "max_length"):
+            raise ValueError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
+        if caption_choice not in ("random", "first"):
+            raise ValueError(f"caption_choice must be 'random' or 'first', got {caption_choice!r}")
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.image_column = image_column
+        self.text_column = text_column
+        self.padding = padding
+        self.max_length = max_length
+        self.caption_choice = caption_choice
+        self.stats = stats if stats is not None else DataStats()
+
+    def decode_records(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor], list[str]]:
+        """Return the transformed images and captions of the good records, counting the bad ones."""
+        pixel_values, captions = [], []
+        empty_caption = corrupt_image = 0
+        for record in records:
+            caption = extract_caption(record, self.text_column, self.caption_choice)
+            if caption is None:
+                empty_caption += 1
+                self.stats.log_skip("empty caption", _describe_image(record.get(self.image_column)))
+                continue
+            try:
+                pixels = self.image_transform(decode_image(record.get(self.image_column)))
+            except Exception as error:  # any decode failure must skip the record, never end the run
+                corrupt_image += 1
+                self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
+                continue
+            pixel_values.append(pixels)
+            captions.append(caption)
+        self.stats.add(
+            seen=len(records),
+            kept=len(captions),
+            skipped_corrupt_image=corrupt_image,
+            skipped_empty_caption=empty_caption,
+        )
+        return pixel_values, captions
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Collate records into ``dict(input_ids, attention_mask, pixel_values, return_loss=True)``."""
+        pixel_values, captions = self.decode_records(records)
+        if not captions:
+            width = self.max_length if self.padding == "max_length" else 0
+            return {
+                "input_ids": torch.zeros((0, width), dtype=torch.long),
+                "attention_mask": torch.zeros((0, width), dtype=torch.long),
+                "pixel_values": _empty_pixel_values(self.image_transform),
+                "return_loss": True,
+            }
+        text_inputs = self.tokenizer(
+            captions,
+            padding="max_length" if self.padding == "max_length" else True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": text_inputs["input_ids"],
+            "attention_mask": text_inputs["attention_mask"],
+            "pixel_values": torch.stack(pixel_values),
+            "return_loss": True,
+        }
+
+
+class ImageClassificationCollator:
+    """Decode and transform ``(image, label)`` records into ``dict(pixel_values, labels)`` for evaluation.
+
+    Unreadable images are dropped and counted in `stats` like `ImageTextCollator` does.
+    """
+
+    def __init__(
+        self,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        image_column: str = "image",
+        label_column: str = "label",
+        stats: DataStats | None = None,
+    ) -> None:
+        """Configure the collator (see `ImageTextCollator` for the arguments)."""
+        self.image_transform = image_transform
+        self.image_column = image_column
+        self.label_column = label_column
+        self.stats = stats if stats is not None else DataStats()
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate records into ``dict(pixel_values, labels)``."""
+        pixel_values, labels = [], []
+        for record in records:
+            try:
+                pixels = self.image_transform(decode_image(record.get(self.image_column)))
+            except Exception as error:  # skip and count, never end the run
+                self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
+                continue
+            pixel_values.append(pixels)
+            labels.append(int(record[self.label_column]))
+        self.stats.add(seen=len(records), kept=len(labels), skipped_corrupt_image=len(records) - len(labels))
+        return {
+            "pixel_values": torch.stack(pixel_values) if pixel_values else _empty_pixel_values(self.image_transform),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Filtering bad records up front
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _captions_present(batch: dict[str, list[Any]], text_column: str) -> list[bool]:
+    size = len(next(iter(batch.values())))
+    rows = [{key: values[index] for key, values in batch.items()} for index in range(size)]
+    return [extract_caption(row, text_column) is not None for row in rows]
+
+
+def _images_decodable(images: list[Any]) -> list[bool]:
+    valid = []
+    for value in images:
+        try:
+            decode_image(value)
+            valid.append(True)
+        except Exception:  # a bad image is a reason to drop the record, not to stop
+            valid.append(False)
+    return valid
+
+
+class _StreamingRecordFilter:
+    """Picklable predicate for `IterableDataset.filter` that counts what it drops in a `DataStats`."""
+
+    def __init__(self, image_column: str, text_column: str, stats: DataStats) -> None:
+        self.image_column = image_column
+        self.text_column = text_column
+        self.stats = stats
+
+    def __call__(self, record: dict[str, Any]) -> bool:
+        if extract_caption(record, self.text_column) is None:
+            self.stats.add(seen=1, skipped_empty_caption=1)
+            self.stats.log_skip("empty caption", _describe_image(record.get(self.image_column)))
+            return False
+        try:
+            decode_image(record.get(self.image_column))
+        except Exception as error:  # drop and count
+            self.stats.add(seen=1, skipped_corrupt_image=1)
+            self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
+            return False
+        return True
+
+
+def drop_bad_records(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    *,
+    image_column: str = "image",
+    text_column: str = "text",
+    stats: DataStats | None = None,
+    num_proc: int | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Remove records with an empty caption or an undecodable image before training, so batches stay full.
+
+    A map-style dataset is filtered now (with ``num_proc`` processes) and the dropped records are added to `stats`.
+    An iterable dataset is filtered lazily, counting into `stats` from whichever process iterates it. The
+    collator's own check stays in place as a safety net; the images of kept records are decoded twice.
+    Dropped records count as seen, so ``seen == kept + skipped`` still holds after the collator adds its counts.
+    """
+    stats = stats if stats is not None else DataStats()
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.filter(_StreamingRecordFilter(image_column, text_column, stats))
+    total = len(dataset)
+    with_caption = dataset.filter(
+        _captions_present, batched=True, fn_kwargs={"text_column": text_column}, num_proc=num_proc
+    )
+    valid = with_caption.filter(_images_decodable, input_columns=image_column, batched=True, num_proc=num_proc)
+    empty_caption = total - len(with_caption)
+    corrupt_image = len(with_caption) - len(valid)
+    stats.add(
+        seen=empty_caption + corrupt_image,
+        skipped_corrupt_image=corrupt_image,
+        skipped_empty_caption=empty_caption,
+    )
+    return valid
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Webdataset shards (img2dataset layout)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """Split a tar member name into (sample key, field) the webdataset way: the key ends at the basename's first dot.
+
+    ``"dir/000001.jpg" -> ("dir/000001", "jpg")``; ``"a/000001.seg.png" -> ("a/000001", "seg.png")``.
+    """
+    directory, _, basename = name.rpartition("/")
+    if "." not in basename or basename.startswith("."):
+        return None, None
+    stem, _, field = basename.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), field.lower()
+
+
+def _assemble_webdataset_record(
+    key: str, fields: dict[str, bytes], shard: str, image_field: str | None, text_field: str | None
+) -> dict[str, Any]:
+    image_fields = [image_field] if image_field else [ext for ext in IMAGE_EXTENSIONS if ext in fields]
+    image = None
+    for field in image_fields:
+        if field in fields:
+            image = {"bytes": fields[field], "path": f"{key}.{field}"}
+            break
+    metadata = None
+    if "json" in fields:
+        try:
+            metadata = json.loads(fields["json"].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            logger.warning("Ignoring unreadable %s.json in %s", key, shard)
+    text = None
+    for field in [text_field] if text_field else CAPTION_EXTENSIONS:
+        if field in fields:
+            text = fields[field].decode("utf-8", errors="replace")
+            break
+    if text is None and isinstance(metadata, Mapping) and isinstance(metadata.get("caption"), str):
+        text = metadata["caption"]
+    return {"image": image, "text": text, "__key__": key, "__url__": shard, "json": metadata}
+
+
+def iter_webdataset_shard(
+    shard: str, image_field: str | None = None, text_field: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the samples of one tar shard as ``{"image", "text", "__key__", "__url__", "json"}`` dicts.
+
+    Members that share a key and follow each other form one sample (img2dataset writes them so). The image is the
+    first of `IMAGE_EXTENSIONS` present (or ``image_field``), the caption the first of `CAPTION_EXTENSIONS` (or
+    ``text_field``), falling back to the ``caption`` of the ``.json`` member. A truncated or corrupt shard yields
+    the samples before the damage and logs a warning instead of raising.
+    """
+    current_key, fields = None, {}
+    try:
+        with tarfile.open(shard, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, field = split_member_name(member.name)
+                if key is None:
+                    continue
+                if current_key is not None and key != current_key:
+                    yield _assemble_webdataset_record(current_key, fields, shard, image_field, text_field)
+                    fields = {}
+                current_key = key
+                handle = archive.extractfile(member)
+                fields[field] = handle.read() if handle is not None else b""
+    except (tarfile.TarError, EOFError, OSError) as error:
+        logger.warning("Shard %s is corrupt or truncated (%r); using the samples read before the damage", shard, error)
+        current_key, fields = None, {}  # the sample in progress may be incomplete
+    if current_key is not None:
+        yield _assemble_webdataset_record(current_key, fields, shard, image_field, text_field)
+
+
+def _generate_webdataset_records(
+    shards: list[str], image_field: str | None, text_field: str | None, signature: str
+) -> Iterator[dict[str, Any]]:
+    # `signature` (sizes and modification times) only feeds datasets' cache fingerprint.
+    del signature
+    for shard in shards:
+        yield from iter_webdataset_shard(shard, image_field, text_field)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand webdataset-style braces: ``"s/{000..002}.tar"`` and ``"{a,b}.tar"`` (nested and repeated allowed)."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    prefix, suffix = pattern[: match.start()], pattern[match.end() :]
+    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if range_match:
+        first, last = range_match.groups()
+        width = len(first) if first.startswith("0") else 0
+        options = [str(number).zfill(width) for number in range(int(first), int(last) + 1)]
+    else:
+        options = body.split(",")
+    return [expanded for option in options for expanded in expand_braces(prefix + option + suffix)]
+
+
+def _is_shard_path(path: str) -> bool:
+    return path.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def find_webdataset_shards(source: str) -> dict[str, list[str]]:
+    """Find tar shards by split.
+
+    ``source`` is a shard, a brace/glob pattern of shards (one split, "train"), or a folder. In a folder, shards
+    directly inside form split "train" and shards inside a sub-folder form the split named after it
+    (``shards/test/000000.tar`` is split "test").
+    """
+    if any(character in source for character in "*?[{"):
+        paths = set()
+        for pattern in expand_braces(source):
+            if any(character in pattern for character in "*?["):
+                paths.update(glob.glob(pattern))
+            elif os.path.isfile(pattern):
+                paths.add(pattern)
+            else:
+                raise FileNotFoundError(f"Shard {pattern} (from {source!r}) does not exist")
+        if not paths:
+            raise FileNotFoundError(f"No shard matches {source!r}")
+        return {"train": sorted(paths)}
+    path = Path(source)
+    if path.is_file():
+        return {"train": [str(path)]}
+    if not path.is_dir():
+        raise FileNotFoundError(f"No such shard or folder: {source}")
+    splits: dict[str, list[str]] = {}
+    top_level = sorted(str(child) for child in path.iterdir() if child.is_file() and _is_shard_path(child.name))
+    if top_level:
+        splits["train"] = top_level
+    for child in sorted(path.iterdir()):
+        if child.is_dir():
+            shards = sorted(str(grandchild) for grandchild in child.iterdir() if _is_shard_path(grandchild.name))
+            if shards:
+                if child.name in splits:
+                    raise ValueError(f"{source} has shards both at its top level and in {child}: both mean 'train'")
+                splits[child.name] = shards
+    if not splits:
+        raise FileNotFoundError(f"No *.tar shards in {source} or in its sub-folders")
+    return splits
+
+
+def _files_signature(paths: Sequence[str]) -> str:
+    parts = []
+    for path in paths:
+        status = os.stat(path)
+        parts.append(f"{os.path.abspath(path)}:{status.st_size}:{status.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _load_webdataset(
+    source: str,
+    split: str | None,
+    streaming: bool,
+    cache_dir: str | None,
+    image_field: str | None,
+    text_field: str | None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    splits = find_webdataset_shards(source)
+    name = _choose_split(list(splits), split, source)
+    gen_kwargs = {
+        "shards": splits[name],
+        "image_field": image_field,
+        "text_field": text_field,
+        "signature": _files_signature(splits[name]),
+    }
+    # Our own reader (instead of datasets' "webdataset" builder) so that a corrupt shard, an undecodable .txt or
+    # .json, or a sample missing a field is skipped and counted rather than ending the run; the shard list is
+    # still split across DataLoader workers when streaming.
+    if streaming:
+        return datasets.IterableDataset.from_generator(
+            _generate_webdataset_records, features=WEBDATASET_FEATURES, gen_kwargs=gen_kwargs, split=name
+        )
+    return datasets.Dataset.from_generator(
+        _generate_webdataset_records,
+        features=WEBDATASET_FEATURES,
+        gen_kwargs=gen_kwargs,
+        cache_dir=cache_dir,
+        split=datasets.NamedSplit(name),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading image-text datasets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _choose_split(available: Sequence[str], split: str | None, source: Any) -> str:
+    if split is None:
+        if len(available) == 1:
+            return available[0]
+        raise ValueError(f"{source} has the splits {sorted(available)}: pass split= to choose one")
+    if split not in available:
+        raise ValueError(f"{source} has no split {split!r}; its splits are {sorted(available)}")
+    return split
+
+
+def _pick_split(loaded: Any, split: str | None, source: Any) -> datasets.Dataset | datasets.IterableDataset:
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return loaded[_choose_split(list(loaded), split, source)]
+    return loaded
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
+
+
+def detect_format(source: str | os.PathLike) -> str:
+    """Guess the format of a source path.
+
+    * ``*.csv`` -> "csv", ``*.tsv``/``*.tab`` -> "tsv", ``*.jsonl``/``*.json`` -> "jsonl";
+    * a ``*.tar`` shard, or a glob/brace pattern -> "webdataset";
+    * a folder holding ``*.tar`` shards (directly or one level down) -> "webdataset";
+    * a folder holding a ``metadata.jsonl``/``metadata.csv``/``metadata.parquet`` (directly or one level down)
+      -> "imagefolder";
+    * a missing local path that looks like ``name`` or ``owner/name`` -> "hub".
+
+    Class folders are never guessed (they carry no captions): pass ``format="classfolder"``.
+    """
+    source = os.fspath(source)
+    if any(character in source for character in "*?[{"):
+        return "webdataset"
+    path = Path(source)
+    lower = path.name.lower()
+    if path.is_file():
+        if lower.endswith(".csv"):
+            return "csv"
+        if lower.endswith((".tsv", ".tab")):
+            return "tsv"
+        if lower.endswith((".jsonl", ".json")):
+            return "jsonl"
+        if _is_shard_path(lower):
+            return "webdataset"
+        raise ValueError(f"Cannot tell the format of {source}: expected .csv, .tsv, .jsonl or .tar; pass format=")
+    if path.is_dir():
+        folders = [path] + [child for child in sorted(path.iterdir()) if child.is_dir()]
+        if any(_is_shard_path(child.name) for folder in folders for child in folder.iterdir() if child.is_file()):
+            return "webdataset"
+        if any((folder / name).is_file() for folder in folders for name in METADATA_FILENAMES):
+            return "imagefolder"
+        raise ValueError(
+            f"Cannot tell the format of the folder {source}: it holds no *.tar shards and no "
+            f"{'/'.join(METADATA_FILENAMES)} (directly or one level down). For class folders "
+            "(root/<class_name>/*.png) pass format='classfolder'."
+        )
+    if _looks_like_hub_id(source):
+        return "hub"
+    raise FileNotFoundError(f"No such file or folder: {source}")
+
+
+def _column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # features unknown (e.g. a generator): look at one record
+    if first is None:
+        raise ValueError("The dataset is empty")
+    return list(first)
+
+
+def _find_column(columns: Sequence[str], requested: str | None, candidates: Sequence[str], what: str) -> str:
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"The {what} column {requested!r} is not among the dataset's columns {list(columns)}")
+        return requested
+    for candidate in candidates:
+        if candidate in columns:
+            return candidate
+    lowered = {column.lower(): column for column in columns}
+    for candidate in candidates:
+        if candidate in lowered:
+            return lowered[candidate]
+    parameter = "image_column" if what == "image" else "text_column"
+    raise ValueError(f"Cannot find the {what} column among {list(columns)}: pass {parameter}=")
+
+
+def _resolve_image_paths(batch: dict[str, list[Any]], column: str, base_dir: str) -> dict[str, list[Any]]:
+    resolved = []
+    for value in batch[column]:
+        if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+            resolved.append(None)
+            continue
+        value = str(value).strip()
+        if "://" not in value and not os.path.isabs(value):
+            value = os.path.normpath(os.path.join(base_dir, value))
+        resolved.append({"bytes": None, "path": value})
+    return {column: resolved}
+
+
+def _rename(
+    dataset: datasets.Dataset | datasets.IterableDataset, old: str, new: str, columns: Sequence[str]
+) -> datasets.Dataset | datasets.IterableDataset:
+    if old == new:
+        return dataset
+    if new in columns:
+        raise ValueError(
+            f"Cannot rename the selected column {old!r} to {new!r}: the dataset already has a different {new!r} "
+            "column. Rename or remove it first."
+        )
+    return dataset.rename_column(old, new)
+
+
+def prepare_image_text_columns(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    *,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    image_base_dir: str | os.PathLike | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Give a dataset the canonical ``image`` (undecoded `datasets.Image`) and ``text`` columns.
+
+    Args:
+        dataset: any image-text dataset.
+        image_column: the column holding images or image paths; detected from `IMAGE_COLUMN_CANDIDATES` if None.
+        text_column: the caption column; detected from `TEXT_COLUMN_CANDIDATES` if None.
+        image_base_dir: when given, the image column holds paths relative to this folder (CSV/JSONL sources).
+
+    Returns:
+        The dataset with ``image`` and ``text`` columns; other columns are kept.
+    """
+    columns = _column_names(dataset)
+    image_column = _find_column(columns, image_column, IMAGE_COLUMN_CANDIDATES, "image")
+    text_column = _find_column(columns, text_column, TEXT_COLUMN_CANDIDATES, "text")
+    features = dataset.features
+    if image_base_dir is not None:
+        new_features = None
+        if features is not None:
+            new_features = features.copy()
+            new_features[image_column] = IMAGE_FEATURE
+        dataset = dataset.map(
+            _resolve_image_paths,
+            batched=True,
+            fn_kwargs={"column": image_column, "base_dir": os.path.abspath(image_base_dir)},
+            features=new_features,
+        )
+    elif features is not None and image_column in features:
+        feature = features[image_column]
+        castable = isinstance(feature, datasets.Value) and feature.dtype in (
+            "string",
+            "large_string",
+            "binary",
+            "large_binary",
+        )
+        if isinstance(feature, datasets.Image) or castable:
+            dataset = dataset.cast_column(image_column, IMAGE_FEATURE)
+    dataset = _rename(dataset, image_column, "image", columns)
+    return _rename(dataset, text_column, "text", [c if c != image_column else "image" for c in columns])
+
+
+def _imagefolder_files(root: str, split: str | None) -> dict[str, Any]:
+    # A split folder is read on its own: with data_dir alone, datasets lists and prepares every split.
+    split_dir = Path(root) / split if split is not None else None
+    if split_dir is not None and split_dir.is_dir():
+        return {"data_files": {split: [str(split_dir / "**")]}}
+    return {"data_dir": root}
+
+
+def _to_iterable(dataset: datasets.Dataset) -> datasets.IterableDataset:
+    # Several shards, so that DataLoader workers each get a part of the data.
+    return dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), 64)))
+
+
+def load_image_text_dataset(
+    source: str | os.PathLike | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
+    *,
+    format: str = "auto",
+    image_column: str | None = None,
+    text_column: str | None = None,
+    split: str | None = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load image-text pairs from any supported source, with canonical ``image`` and ``text`` columns.
+
+    Formats (``format="auto"`` guesses with `detect_format`):
+
+    * ``"imagefolder"``: a folder of images with ``metadata.jsonl`` / ``metadata.csv`` holding ``file_name`` and a
+      caption column; split sub-folders (``train/``, ``validation/``, ``test/``) become splits.
+    * ``"csv"``, ``"tsv"``, ``"jsonl"``: a table of image paths (relative to the table's folder, or absolute)
+      and captions. TSV is read without quote handling, as CC3M-style files need.
+    * ``"webdataset"``: tar shards as img2dataset writes them (``<key>.jpg``/``.png`` + ``<key>.txt`` and
+      ``<key>.json``): a shard, a glob/brace pattern, or a folder (sub-folders are splits). Here
+      ``image_column``/``text_column`` name the member extensions (default: first image extension found, ``txt``,
+      then the ``caption`` in ``.json``).
+    * ``"hub"``: a Hub dataset name, loaded with `datasets.load_dataset`.
+    * ``"classfolder"``: ``root/<class_name>/*.png`` for classification, with ``image`` and ``label`` columns
+      (see `load_class_folder_dataset`, which also returns the class names).
+    * a `datasets.Dataset` / `IterableDataset` / `DatasetDict` object is used as it is (streaming included).
+
+    Images are left undecoded (``datasets.Image(decode=False)``); the collators decode them and skip bad ones.
+
+    Args:
+        source: path, pattern, Hub name or datasets object.
+        format: one of `FORMATS`.
+        image_column: column with the image or image path (auto-detected when None).
+        text_column: column with the caption (auto-detected when None).
+        split: split to return; None picks the only split and raises if there are several.
+        streaming: return a lazily read `datasets.IterableDataset`.
+        cache_dir: datasets cache folder (defaults to datasets' own).
+
+    Returns:
+        A `datasets.Dataset`, or a `datasets.IterableDataset` when streaming.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format {format!r}; expected one of {FORMATS}")
+    if isinstance(
+        source, (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
+    ):
+        dataset = _pick_split(source, split, "The dataset")
+        if streaming and isinstance(dataset, datasets.Dataset):
+            dataset = _to_iterable(dataset)
+        return prepare_image_text_columns(dataset, image_column=image_column, text_column=text_column)
+    source = os.fspath(source)
+    if format == "auto":
+        format = detect_format(source)
+    if format == "classfolder":
+        dataset, _ = load_class_folder_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
+        return dataset
+    if format == "webdataset":
+        dataset = _load_webdataset(source, split, streaming, cache_dir, image_column, text_column)
+        return dataset
+    if format == "imagefolder":
+        if not Path(source).is_dir():
+            raise NotADirectoryError(f"An imagefolder source must be a folder: {source}")
+        loaded = datasets.load_dataset(
+            "imagefolder", **_imagefolder_files(source, split), split=split, streaming=streaming, cache_dir=cache_dir
+        )
+        dataset = _pick_split(loaded, split, source)
+        return prepare_image_text_columns(dataset, image_column="image", text_column=text_column)
+    if format in ("csv", "tsv", "jsonl"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"No such {format.upper()} file: {source}")
+        name = split or "train"
+        options: dict[str, Any] = {}
+        if format in ("csv", "tsv"):
+            # Only empty cells are missing: a caption reading "NA" or "null" stays text.
+            options = {"keep_default_na": False, "na_values": [""]}
+            if format == "tsv":
+                options.update(delimiter="\t", quoting=3)  # csv.QUOTE_NONE
+        builder = "json" if format == "jsonl" else "csv"
+        dataset = datasets.load_dataset(
+            builder, data_files={name: source}, split=name, streaming=streaming, cache_dir=cache_dir, **options
+        )
+        return prepare_image_text_columns(
+            dataset, image_column=image_column, text_column=text_column, image_base_dir=Path(source).parent
+        )
+    loaded = datasets.load_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
+    return prepare_image_text_columns(
+        _pick_split(loaded, split, source), image_column=image_column, text_column=text_column
+    )
+
+
+def class_name_from_folder(folder_name: str) -> str:
+    """Readable class name of a class folder: underscores become spaces (``"ankle_boot" -> "ankle boot"``)."""
+    return folder_name.replace("_", " ")
+
+
+def load_class_folder_dataset(
+    root: str | os.PathLike,
+    *,
+    split: str | None = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[datasets.Dataset | datasets.IterableDataset, list[str]]:
+    """Load ``root/<class_name>/*.png`` (or ``root/<split>/<class_name>/*``) for classification.
+
+    Metadata files in the tree are ignored, so a captioned image folder whose images sit in class sub-folders
+    (as `processing/fashion_mnist.py` writes it) also loads as class folders.
+
+    Returns:
+        The dataset with ``image`` (undecoded) and ``label`` (a `datasets.ClassLabel` over the sorted folder
+        names) columns, and the readable class names in label order (see `class_name_from_folder`).
+    """
+    root = os.fspath(root)
+    if not Path(root).is_dir():
+        raise NotADirectoryError(f"A class-folder source must be a folder: {root}")
+    loaded = datasets.load_dataset(
+        "imagefolder",
+        **_imagefolder_files(root, split),
+        metadata_filenames=[_NO_METADATA],
+        drop_labels=False,
+        split=split,
+        streaming=streaming,
+        cache_dir=cache_dir,
+    )
+    dataset = _pick_split(loaded, split, root).cast_column("image", IMAGE_FEATURE)
+    label_feature = dataset.features["label"]
+    return dataset, [class_name_from_folder(name) for name in label_feature.names]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing webdataset shards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, owned: Sequence[str]) -> Path:
+    """Make sure ``output_dir`` can receive new output without silently replacing anything a user saved.
+
+    A missing folder is created and an empty one is used. A non-empty folder raises `FileExistsError` unless
+    ``overwrite`` is set; then only the entries matching the glob patterns in ``owned`` (what this tool writes)
+    are deleted and everything else is left alone.
+    """
+    import shutil
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"The output {path} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    if not any(path.iterdir()):
+        return path
+    if not overwrite:
+        raise FileExistsError(f"The output folder {path} is not empty; pass --overwrite (overwrite=True) to replace it")
+    for pattern in owned:
+        for entry in path.glob(pattern):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return path
+
+
+class WebDatasetShardWriter:
+    """Write samples into img2dataset-layout shards ``000000.tar, 000001.tar, ...``.
+
+    Each sample becomes ``<key>.<image extension>``, ``<key>.txt`` (the caption) and ``<key>.json`` (the caption,
+    the key and any metadata). Keys are the 5-digit shard index followed by the index within the shard. Member
+    times and owners are fixed, so the same samples give byte-identical shards. A shard is written under a
+    ``.partial`` name and renamed when complete, so a crash never leaves a truncated ``.tar`` behind.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, samples_per_shard: int = 10000) -> None:
+        """Configure the writer (the folder is created if needed).
+
+        Args:
+            output_dir: where the shards go.
+            samples_per_shard: samples in every shard but the last.
+        """
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[Path] = []
+        self.num_samples = 0
+        self._key_digits = len(str(samples_per_shard - 1))
+        self._archive: tarfile.TarFile | None = None
+        self._partial_path: Path | None = None
+        self._in_shard = 0
+
+    def __enter__(self) -> "WebDatasetShardWriter":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        info.mtime = 0
+        info.uname = info.gname = ""
+        self._archive.addfile(info, io.BytesIO(data))
+
+    def _finish_shard(self) -> None:
+        if self._archive is None:
+            return
+        self._archive.close()
+        final_path = self._partial_path.with_suffix("")  # "000000.tar.partial" -> "000000.tar"
+        os.replace(self._partial_path, final_path)
+        self.shards.append(final_path)
+        self._archive = None
+
+    def write(
+        self,
+        image_bytes: bytes,
+        image_extension: str,
+        caption: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Append one sample and return its key."""
+        extension = image_extension.lower().lstrip(".")
+        if extension not in IMAGE_EXTENSIONS:
+            raise ValueError(f"Unsupported image extension {image_extension!r}; expected one of {IMAGE_EXTENSIONS}")
+        if self._archive is None or self._in_shard >= self.samples_per_shard:
+            self._finish_shard()
+            self._partial_path = self.output_dir / f"{len(self.shards):06d}.tar.partial"
+            self._archive = tarfile.open(self._partial_path, "w")
+            self._in_shard = 0
+        key = f"{len(self.shards):05d}{self._in_shard:0{self._key_digits}d}"
+        record = {"key": key, "caption": caption}
+        record.update({name: value for name, value in (metadata or {}).items() if name not in ("key", "caption")})
+        self._add_member(f"{key}.{extension}", image_bytes)
+        self._add_member(f"{key}.txt", caption.encode("utf-8"))
+        self._add_member(f"{key}.json", json.dumps(record, sort_keys=True, default=str).encode("utf-8"))
+        self._in_shard += 1
+        self.num_samples += 1
+        return key
+
+    def close(self) -> list[Path]:
+        """Finish the current shard and return all shard paths."""
+        self._finish_shard()
+        return self.shards
+
+
+_PIL_FORMAT_TO_EXTENSION = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
+_EXTENSION_TO_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def _raw_image_bytes(value: Any) -> bytes | None:
+    if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)) and "://" not in os.fspath(value):
+        with open(value, "rb") as handle:
+            return handle.read()
+    return None
+
+
+def _json_safe_metadata(record: Mapping[str, Any]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {}
+    if isinstance(record.get("json"), Mapping):
+        metadata.update(record["json"])
+    for name, value in record.items():
+        if name in ("image", "text", "json") or name.startswith("__"):
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # e.g. a decoded image in a second column: not metadata
+        metadata[name] = value
+    return metadata
+
+
+def write_webdataset(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    output_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int = 10000,
+    image_format: str = "keep",
+    jpeg_quality: int = 95,
+    overwrite: bool = False,
+    stats: DataStats | None = None,
+) -> list[Path]:
+    """Write a canonical image-text dataset (``image``/``text`` columns) as img2dataset-layout tar shards.
+
+    Records with an empty caption or an undecodable image are skipped and counted in `stats`. Other columns go
+    into each sample's ``.json``.
+
+    Args:
+        dataset: output of `load_image_text_dataset`.
+        output_dir: folder for the shards; must be empty unless ``overwrite`` (which deletes only old ``*.tar``).
+        samples_per_shard: samples per shard.
+        image_format: "keep" stores the original bytes (an image whose format differs from the first image's is
+            re-encoded to it, so every sample has the same extension, as loaders expect); "jpg" or "png" stores
+            every image in that format (re-encoding only images in another format).
+        jpeg_quality: quality for JPEG re-encoding.
+        overwrite: allow a non-empty output folder.
+        stats: counters to update (a new `DataStats` when omitted).
+
+    Returns:
+        The shard paths.
+    """
+    if image_format not in ("keep", "jpg", "png"):
+        raise ValueError(f"image_format must be 'keep', 'jpg' or 'png', got {image_format!r}")
+    stats = stats if stats is not None else DataStats()
+    prepare_output_dir(output_dir, overwrite=overwrite, owned=("*.tar", "*.tar.partial"))
+    target = None if image_format == "keep" else image_format
+    seen = kept = corrupt_image = empty_caption = reencoded = 0
+    with WebDatasetShardWriter(output_dir, samples_per_shard=samples_per_shard) as writer:
+        for record in dataset:
+            seen += 1
+            caption = extract_caption(record, "text", "first")
+            if caption is None:
+                empty_caption += 1
+                stats.log_skip("empty caption", _describe_image(record.get("image")))
+                continue
+            try:
+                image = decode_image(record.get("image"))
+                raw = _raw_image_bytes(record.get("image"))
+                source_format = Image.open(io.BytesIO(raw)).format if raw is not None else None
+            except Exception as error:  # skip and count, never end the run
+                corrupt_image += 1
+                stats.log_skip("corrupt image", f"{_describe_image(record.get('image'))}: {error!r}")
+                continue
+            extension = _PIL_FORMAT_TO_EXTENSION.get(source_format)
+            if target is None:
+                target = extension if extension in _EXTENSION_TO_PIL_FORMAT else "png"
+            if extension != target:
+                buffer = io.BytesIO()
+                options = {"quality": jpeg_quality} if target == "jpg" else {}
+                image.save(buffer, format=_EXTENSION_TO_PIL_FORMAT[target], **options)
+                raw = buffer.getvalue()
+                reencoded += 1
+            writer.write(raw, target, caption, _json_safe_metadata(record))
+            kept += 1
+    if reencoded:
+        logger.info("Re-encoded %d images to %s so that every sample has the same extension", reencoded, target)
+    stats.add(seen=seen, kept=kept, skipped_corrupt_image=corrupt_image, skipped_empty_caption=empty_caption)
+    return writer.shards

@@ -1,0 +1,265 @@
+"""Pre-training entry point: arguments, model/processor/data assembly and the run itself.
+
+`training/run_pretrain.py` only parses the command line and calls `run_pretraining`; everything testable lives here.
+Runs the same under plain ``python``, ``torchrun`` and ``accelerate launch`` (DDP or DeepSpeed ZeRO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoProcessor, HfArgumentParser, TrainerCallback, set_seed
+
+from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
+from .data_msclip import (
+    DataStats,
+    EvalImageTransform,
+    ImageTextCollator,
+    TrainImageTransform,
+    drop_bad_records,
+    load_image_text_dataset,
+)
+from .modeling_msclip import MSClipForPreTraining
+from .trainer_msclip import MSClipTrainer, MSClipTrainingArguments, configure_cpu_distributed_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to pre-train and with which objective."""
+
+    model_preset: str | None = field(
+        default=None, metadata={"help": "Named architecture preset (e.g. msclip-s-b32, msclip-s-tiny)."}
+    )
+    model_config: str | None = field(default=None, metadata={"help": "JSON file of an MSClipConfig."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved MSClip checkpoint to start from (inference or pre-training)."}
+    )
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved MSClipProcessor (default: the model folder, else built from --vocab)."}
+    )
+    vocab: str | None = field(
+        default=None, metadata={"help": "CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) to build a processor from."}
+    )
+    image_preset: str = field(default="msclip", metadata={"help": "Image statistics: 'msclip' (ImageNet) or 'clip'."})
+    objective: str | None = field(
+        default=None, metadata={"help": "Loss: clip, siglip, nclip or xclip (default: the checkpoint's, else clip)."}
+    )
+    objective_settings: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of further MSClipObjectiveConfig fields, e.g. '{\"local_loss\": false}'"},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+
+
+@dataclass
+class DataArguments:
+    """Where the image-text pairs come from and how they are prepared."""
+
+    train_data: str = field(
+        metadata={"help": "Training pairs: image folder, CSV/TSV/JSONL, webdataset shards, Hub name."}
+    )
+    train_format: str = field(default="auto", metadata={"help": "Format of --train_data (see docs/data.md)."})
+    train_split: str | None = field(
+        default=None, metadata={"help": "Split of --train_data (default: the only one / train)."}
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out pairs for the evaluation loss."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected by default)."})
+    text_column: str | None = field(default=None, metadata={"help": "Caption column (auto-detected by default)."})
+    streaming: bool = field(default=False, metadata={"help": "Read the training data lazily (IterableDataset)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    text_padding: str = field(
+        default="longest", metadata={"help": "'longest' pads each batch to its longest caption; 'max_length' to 77."}
+    )
+    crop_scale_min: float = field(default=0.9, metadata={"help": "Lower bound of the random-resized-crop area."})
+    no_augmentation: bool = field(default=False, metadata={"help": "Train on the evaluation transform."})
+    log_seen_samples: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder where each rank appends the key of every training record it collates "
+            "(seen_rank<r>.txt): an audit of data sharding and resume."
+        },
+    )
+    skip_record_check: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not pre-scan map-style data for corrupt images / empty captions (the collator still "
+            "skips them, but ranks may then see unequal batches)."
+        },
+    )
+
+
+def parse_pretraining_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, MSClipTrainingArguments]:
+    """Parse the command line (or a single ``.json`` file of arguments)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, MSClipTrainingArguments))
+    argv = list(argv) if argv is not None else None
+    args = list(argv) if argv is not None else sys.argv[1:]
+    from_json = len(args) == 1 and args[0].endswith(".json")
+    settings = json.loads(Path(args[0]).read_text()) if from_json else {}
+    uses_deepspeed = bool(settings.get("deepspeed")) or any(a.split("=")[0] == "--deepspeed" for a in args)
+    uses_deepspeed = uses_deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    overrides = configure_cpu_distributed_state(uses_deepspeed)
+    if from_json:
+        return parser.parse_dict({**settings, **overrides})
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return parser.parse_args_into_dataclasses(args)
+
+
+def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
+    """Start from a checkpoint, a config file or a preset; apply the requested objective."""
+    sources = [s for s in (model_args.model_preset, model_args.model_config, model_args.model_name_or_path) if s]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of --model_preset, --model_config, --model_name_or_path")
+    if model_args.model_name_or_path:
+        config = MSClipConfig.from_pretrained(model_args.model_name_or_path)
+    elif model_args.model_config:
+        config = MSClipConfig.from_json_file(model_args.model_config)
+    else:
+        config = MSClipConfig.from_preset(model_args.model_preset)
+    objective = dict(config.objective)
+    if model_args.objective:
+        objective["loss"] = model_args.objective
+    if model_args.objective_settings:
+        objective.update(json.loads(model_args.objective_settings))
+    config.objective = vars(MSClipObjectiveConfig.from_dict(objective))
+    kwargs = {"attn_implementation": model_args.attn_implementation}
+    if model_args.model_name_or_path:
+        return MSClipForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+    return MSClipForPreTraining._from_config(config, **kwargs)
+
+
+def build_processor(model_args: ModelArguments, image_size: int) -> Any:
+    """Load the processor of the checkpoint (or ``--processor_name_or_path``), or build one from ``--vocab``."""
+    for source in (model_args.processor_name_or_path, model_args.model_name_or_path):
+        if source and (Path(source) / "tokenizer_config.json").is_file():
+            return AutoProcessor.from_pretrained(source)
+    if model_args.vocab:
+        from .processing_msclip import build_msclip_processor
+
+        return build_msclip_processor(model_args.vocab, preset=model_args.image_preset, image_size=image_size)
+    raise ValueError("no processor: pass --processor_name_or_path, a --model_name_or_path holding one, or --vocab")
+
+
+class DataStatsCallback(TrainerCallback):
+    """Logs how many records were skipped (corrupt image, empty caption) at the end of training."""
+
+    def __init__(self, stats: DataStats) -> None:
+        self.stats = stats
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        summary = self.stats.summary(all_ranks=True)
+        counts = self.stats.as_dict(all_ranks=True)
+        if state.is_world_process_zero:
+            logger.warning(summary)
+            state.log_history.append({"data_" + key: value for key, value in counts.items()})
+
+
+class SeenSampleRecorder:
+    """Wraps a collator and appends each record's key (webdataset key, image path or caption) to a per-rank file."""
+
+    def __init__(self, collator: Any, folder: str | os.PathLike) -> None:
+        self.collator = collator
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def record_key(record: dict[str, Any]) -> str:
+        image = record.get("image")
+        if record.get("__key__"):
+            return str(record["__key__"])
+        if isinstance(image, dict) and image.get("path"):
+            return Path(image["path"]).name
+        return str(record.get("text"))
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        rank = int(os.environ.get("RANK", "0"))
+        with open(self.folder / f"seen_rank{rank}.txt", "a") as handle:
+            handle.write("".join(f"{self.record_key(record)}\n" for record in records))
+        return self.collator(records)
+
+
+def build_datasets(data_args: DataArguments, stats: DataStats) -> tuple[Any, Any]:
+    """Load train (and eval) pairs, dropping bad records of map-style data up front so ranks see equal batches."""
+
+    def load(source: str, split: str | None, streaming: bool) -> Any:
+        dataset = load_image_text_dataset(
+            source,
+            format=data_args.train_format,
+            image_column=data_args.image_column,
+            text_column=data_args.text_column,
+            split=split,
+            streaming=streaming,
+        )
+        if not data_args.skip_record_check:
+            dataset = drop_bad_records(dataset, stats=stats)
+        return dataset
+
+    train = load(data_args.train_data, data_args.train_split, data_args.streaming)
+    if data_args.max_train_samples is not None:
+        train = (
+            train.take(data_args.max_train_samples)
+            if data_args.streaming
+            else train.select(range(min(data_args.max_train_samples, len(train))))
+        )
+    evaluation = load(data_args.eval_data, data_args.eval_split, False) if data_args.eval_data else None
+    return train, evaluation
+
+
+def run_pretraining(
+    model_args: ModelArguments, data_args: DataArguments, training_args: MSClipTrainingArguments
+) -> MSClipTrainer:
+    """Assemble model, processor, data and `MSClipTrainer`, train (resuming if asked) and save."""
+    training_args.remove_unused_columns = False
+    set_seed(training_args.seed)
+    model = build_model(model_args)
+    processor = build_processor(model_args, model.config.vision_config.image_size)
+    stats = DataStats()
+    train_dataset, eval_dataset = build_datasets(data_args, stats)
+    image_processor = processor.image_processor
+    if data_args.no_augmentation:
+        train_transform = EvalImageTransform(image_processor)
+    else:
+        train_transform = TrainImageTransform.from_image_processor(
+            image_processor, scale=(data_args.crop_scale_min, 1.0)
+        )
+    collator: Any = ImageTextCollator(processor.tokenizer, train_transform, padding=data_args.text_padding, stats=stats)
+    if data_args.log_seen_samples:
+        collator = SeenSampleRecorder(collator, data_args.log_seen_samples)
+    trainer = MSClipTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[DataStatsCallback(stats)],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    if eval_dataset is not None and training_args.do_eval:
+        trainer.evaluate()
+    return trainer
+
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "build_model",
+    "build_processor",
+    "parse_pretraining_arguments",
+    "run_pretraining",
+]

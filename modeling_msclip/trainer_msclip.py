@@ -1,0 +1,255 @@
+"""`MSClipTrainer`: the transformers `Trainer` for MS-CLIP pre-training.
+
+What it adds to the plain Trainer:
+
+* optimizer parameter groups {shared, modality-specific} x {decay, no decay}, with their own learning rate and weight
+  decay for the parameters both towers use (the official recipe has ``LR_SHARE`` / ``WD_SHARE``), and no decay on
+  biases, norms, embeddings and ``logit_scale``;
+* logging of every loss term, ``exp(logit_scale)`` and the nCLIP collapse diagnostics, averaged over the steps since
+  the last log and over ranks;
+* a defined policy for non-finite losses (raise, or skip the whole optimizer step) and the post-step clamp of
+  ``logit_scale``;
+* `configure_cpu_distributed_state`, the one place that makes multi-process runs (DDP and DeepSpeed) on CPU-only
+  machines real multi-rank runs (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .loss_msclip import clamp_logit_scale_
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class MSClipTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the MS-CLIP optimizer and robustness settings.
+
+    The objective itself (CLIP / SigLIP / nCLIP / xCLIP and their knobs) is part of the model config
+    (``MSClipConfig.objective``) so that checkpoints carry it.
+    """
+
+    learning_rate_shared: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the parameters shared by both towers (default: --learning_rate)."},
+    )
+    weight_decay_shared: float | None = field(
+        default=None,
+        metadata={"help": "Weight decay of the shared parameters (default: --weight_decay)."},
+    )
+    nonfinite_loss: str = field(
+        default="skip",
+        metadata={
+            "help": "On a NaN/inf loss: 'raise' stops with an error naming the term; 'skip' drops the whole "
+            "optimizer step (no update, no momentum change) and counts it."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_POLICIES}, got {self.nonfinite_loss!r}")
+
+
+def is_no_decay_parameter(name: str, parameter: nn.Parameter) -> bool:
+    """Biases, norm weights, ``logit_scale`` (all 1-d) and embedding tables are not decayed."""
+    return parameter.ndim < 2 or name.endswith(("position_embedding", "token_embedding.weight", "class_embedding"))
+
+
+def is_shared_parameter(name: str) -> bool:
+    """Parameters of a block component used by both towers (`MSClipModalityModules` key ``"shared"``)."""
+    return ".shared." in f".{name}"
+
+
+def build_parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    learning_rate_shared: float | None = None,
+    weight_decay_shared: float | None = None,
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into {shared, specific} x {decay, no decay} optimizer groups.
+
+    Each group has a ``name`` key (for logging and tests); empty groups are left out.
+    """
+    shared_lr = learning_rate if learning_rate_shared is None else learning_rate_shared
+    shared_wd = weight_decay if weight_decay_shared is None else weight_decay_shared
+    settings = {
+        "shared_decay": (shared_lr, shared_wd),
+        "shared_no_decay": (shared_lr, 0.0),
+        "specific_decay": (learning_rate, weight_decay),
+        "specific_no_decay": (learning_rate, 0.0),
+    }
+    members: dict[str, list[nn.Parameter]] = {name: [] for name in settings}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        kind = "shared" if is_shared_parameter(name) else "specific"
+        decay = "no_decay" if is_no_decay_parameter(name, parameter) else "decay"
+        members[f"{kind}_{decay}"].append(parameter)
+    return [
+        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
+        for name, params in members.items()
+        if params
+    ]
+
+
+class MSClipTrainer(Trainer):
+    """`Trainer` for `MSClipForPreTraining` (see the module docstring for what it adds)."""
+
+    # compute_loss returns the per-micro-batch mean: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, MSClipTrainingArguments):
+            raise TypeError("MSClipTrainer needs MSClipTrainingArguments")
+        if self.args.nonfinite_loss == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(
+                "--nonfinite_loss skip is not available under DeepSpeed, whose engine owns the "
+                "optimizer step; use --nonfinite_loss raise (fp16 loss scaling skips overflows itself)"
+            )
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+        self._skip_this_step = False
+        self.skipped_nonfinite_steps = 0
+        self.add_callback(_MSClipStepCallback(self))
+
+    # ------------------------------------------------------------------ optimizer
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW-family optimizer (from ``--optim``) over `build_parameter_groups`."""
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            groups = build_parameter_groups(
+                model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.args.learning_rate_shared,
+                self.args.weight_decay_shared,
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            optimizer_kwargs.pop("weight_decay", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Run the model's objective, record its terms, apply the non-finite policy."""
+        inputs = {key: value for key, value in inputs.items() if key != "return_loss"}
+        outputs = model(**inputs, return_loss=True)
+        loss = outputs.loss
+        if model.training:
+            finite = _all_ranks_finite(loss)
+            if not finite:
+                terms = {k: v.item() for k, v in (outputs.loss_terms or {}).items() if not math.isfinite(v.item())}
+                if self.args.nonfinite_loss == "raise":
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at step {self.state.global_step}; "
+                        f"non-finite terms: {terms or 'none (the combination overflowed)'}"
+                    )
+                self._skip_this_step = True
+            else:
+                self._record_terms(outputs.loss_terms or {})
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():
+            self._term_sums[key] = self._term_sums.get(key, 0.0) + value.detach()
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged loss terms (and the skipped-step count) to the training logs."""
+        if "loss" in logs and self._term_count:
+            keys = sorted(self._term_sums)
+            stacked = torch.stack([torch.as_tensor(self._term_sums[k], dtype=torch.float32) for k in keys])
+            stacked = stacked.to(self.args.device) / self._term_count
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(stacked)
+                stacked /= dist.get_world_size()
+            logs.update({key: round(value, 6) for key, value in zip(keys, stacked.tolist(), strict=True)})
+            self._term_sums, self._term_count = {}, 0
+        if "loss" in logs:
+            logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+        super().log(logs, start_time)
+
+
+class _MSClipStepCallback(TrainerCallback):
+    """Drops the step of a non-finite batch and clamps ``logit_scale`` after each optimizer step."""
+
+    def __init__(self, trainer: MSClipTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer._skip_this_step:
+            # Gradients set to None make every optimizer skip the parameter: no update, no moment change.
+            for parameter in self.trainer.model.parameters():
+                parameter.grad = None
+            self.trainer.skipped_nonfinite_steps += 1
+            self.trainer._skip_this_step = False
+
+    def on_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.is_deepspeed_enabled:
+            return  # the engine keeps its own master weights; the loss's forward cap applies instead
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        msclip = getattr(model, "msclip", model)
+        if hasattr(msclip, "logit_scale"):
+            clamp_logit_scale_(msclip.logit_scale, msclip.config.logit_scale_max)
+
+
+def _all_ranks_finite(loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def configure_cpu_distributed_state(uses_deepspeed: bool) -> dict[str, Any]:
+    """Make a multi-process run on a machine without accelerators a real multi-rank run.
+
+    Returns `TrainingArguments` overrides (``{}`` with an accelerator or in a single process). Two cases, seen with
+    transformers 5.23 / accelerate 1.15 / deepspeed 0.19 under ``torchrun`` or ``accelerate launch`` on CPU:
+
+    * plain data parallel: without ``use_cpu`` accelerate's `PartialState` finds no device backend, records one
+      process and each rank trains on the full data; ``use_cpu=True`` selects gloo and real sharding;
+    * DeepSpeed: `TrainingArguments` does not hand a backend to `PartialState`; DeepSpeed still builds a process
+      group of all ranks but the Trainer believes it is alone (``world_size 1`` on every rank). Creating the state
+      with the gloo backend first and telling the Trainer to use it makes the run a real DeepSpeed multi-rank run.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or torch.cuda.is_available():
+        return {}
+    if not uses_deepspeed:
+        return {"use_cpu": True}
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+__all__ = [
+    "MSClipTrainer",
+    "MSClipTrainingArguments",
+    "build_parameter_groups",
+    "configure_cpu_distributed_state",
+    "is_no_decay_parameter",
+    "is_shared_parameter",
+]

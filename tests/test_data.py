@@ -1,0 +1,740 @@
+"""Tests of the image-text data pipeline: every source format with a corrupt image and an empty caption in it,
+skip-and-count across DataLoader workers, transforms against the image processor, the webdataset writer, the
+embedded shapes dataset and the Fashion-MNIST idx recipe.
+"""
+
+import gzip
+import importlib.util
+import io
+import json
+import math
+import multiprocessing
+import struct
+import tarfile
+import threading
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_msclip.data_msclip import (
+    DataStats,
+    EvalImageTransform,
+    ImageClassificationCollator,
+    ImageTextCollator,
+    TrainImageTransform,
+    decode_image,
+    detect_format,
+    drop_bad_records,
+    expand_braces,
+    extract_caption,
+    load_class_folder_dataset,
+    load_image_text_dataset,
+    write_webdataset,
+)
+from modeling_msclip.image_processing_msclip import MSClipImageProcessor
+from modeling_msclip.shapes_dataset import (
+    COLORS,
+    CROSS_ARM_RATIO,
+    CROSS_HALF_WIDTH,
+    DEFAULT_HELD_OUT_PAIRS,
+    SHAPES,
+    SIZES,
+    SQUARE_HALF_SIDE,
+    STAR_INNER_RATIO,
+    STAR_OUTER_RADIUS,
+    TRIANGLE_CIRCUMRADIUS,
+    ZERO_SHOT_TASKS,
+    ShapesConfig,
+    generate_examples,
+    sample_scene,
+    write_shapes_dataset,
+)
+from modeling_msclip.tokenization_msclip import MSClipTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+COLOR_OF = {0: (200, 30, 30), 1: (30, 200, 30), 2: (30, 30, 200), 3: (200, 200, 30), 4: (30, 200, 200)}
+
+
+def _load_script(name: str):
+    """Import a processing/ script as a module (processing/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"processing_{name}", REPO_ROOT / "processing" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image(index: int, size: tuple[int, int] = (12, 10)) -> Image.Image:
+    return Image.new("RGB", size, COLOR_OF[index % len(COLOR_OF)])
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _reference_pixels(image: Image.Image) -> torch.Tensor:
+    """What EvalImageTransform(size=8) must give: hand-written resize/crop/normalise with PIL and numpy."""
+    width, height = image.size
+    short = min(width, height)
+    new_size = (int(8 * width / short), int(8 * height / short))
+    resized = image.convert("RGB").resize(new_size, Image.Resampling.BICUBIC)
+    left, top = round((new_size[0] - 8) / 2), round((new_size[1] - 8) / 2)
+    array = np.asarray(resized.crop((left, top, left + 8, top + 8)), dtype=np.float64) / 255
+    array = (array - np.array(MEAN)) / np.array(STD)
+    return torch.tensor(array.transpose(2, 0, 1), dtype=torch.float32)
+
+
+EVAL_TRANSFORM = EvalImageTransform(size=8, mean=MEAN, std=STD)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(msclip_tokenizer_dir):
+    return MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "hf_cache")
+
+
+def _collate_all(dataset, tokenizer, batch_size=3, num_workers=0):
+    collator = ImageTextCollator(tokenizer, EVAL_TRANSFORM, caption_choice="first")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
+    batches = list(loader)
+    return batches, collator.stats
+
+
+# Captions of the records every format test writes. Record 3's image is corrupt, record 4 has an empty caption,
+# record 5 a whitespace caption and record 6's image file is missing; records GOOD are the ones to keep.
+CAPTIONS = ["a red box, small", 'a "quoted" green box', "a blue box", "corrupt", "", "   ", "missing file", "a cyan"]
+GOOD = [0, 1, 2, 7]
+
+
+def _write_images(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(len(CAPTIONS)):
+        name = f"{index}.png"
+        if index == 3:
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+        elif index != 6:
+            _image(index).save(folder / name)
+        names.append(name)
+    return names
+
+
+def _check_pipeline(dataset, tokenizer):
+    """Collate everything and check the kept captions' token ids, the pixels and the counts."""
+    batches, stats = _collate_all(dataset, tokenizer)
+    pixels = torch.cat([batch["pixel_values"] for batch in batches])
+    assert pixels.shape == (len(GOOD), 3, 8, 8)
+    token_ids = [
+        ids[mask.bool()].tolist() for batch in batches for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+    ]
+    assert token_ids == [tokenizer(CAPTIONS[i])["input_ids"] for i in GOOD]
+    for row, index in zip(pixels, GOOD):
+        torch.testing.assert_close(row, _reference_pixels(_image(index)), atol=1e-5, rtol=0)
+    assert stats.as_dict() == {"seen": 8, "kept": 4, "skipped_corrupt_image": 2, "skipped_empty_caption": 2}
+    assert all(batch["return_loss"] is True for batch in batches)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataStats
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _add_many(stats: DataStats, times: int) -> None:
+    for _ in range(times):
+        stats.add(seen=1, kept=1)
+
+
+@pytest.mark.slow
+def test_data_stats_is_thread_and_process_safe():
+    stats = DataStats()
+    threads = [threading.Thread(target=_add_many, args=(stats, 300)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_add_many, args=(stats, 300)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+        assert process.exitcode == 0
+    # 4 threads and 3 processes, 300 locked increments each: any lost update would show.
+    assert stats.seen == stats.kept == 2100
+    stats.add(skipped_corrupt_image=2, skipped_empty_caption=1, seen=3)
+    assert stats.skipped == 3
+    assert "seen 2103, kept 2100, skipped 3 (corrupt or unreadable image 2, empty caption 1)" in stats.summary()
+    stats.reset()
+    assert stats.as_dict() == dict.fromkeys(DataStats.FIELDS, 0)
+
+
+@pytest.mark.slow
+def test_data_stats_reaches_spawned_processes():
+    stats = DataStats()
+    context = torch.multiprocessing.get_context("spawn")
+    process = context.Process(target=stats.add, kwargs={"seen": 5, "skipped_corrupt_image": 5})
+    process.start()
+    process.join()
+    assert process.exitcode == 0
+    assert stats.as_dict() == {"seen": 5, "kept": 0, "skipped_corrupt_image": 5, "skipped_empty_caption": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _imagefolder(root: Path) -> None:
+    for split in ("train", "test"):
+        names = _write_images(root / split)
+        with open(root / split / "metadata.jsonl", "w") as handle:
+            for name, caption in zip(names, CAPTIONS):
+                handle.write(json.dumps({"file_name": name, "caption": caption, "extra": len(caption)}) + "\n")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_imagefolder(tmp_path, tokenizer, cache_dir, streaming):
+    _imagefolder(tmp_path / "data")
+    assert detect_format(tmp_path / "data") == "imagefolder"
+    dataset = load_image_text_dataset(tmp_path / "data", split="test", streaming=streaming, cache_dir=cache_dir)
+    assert isinstance(dataset, datasets.IterableDataset if streaming else datasets.Dataset)
+    assert set(dataset.features) == {"image", "text", "extra"}
+    assert dataset.features["image"] == datasets.Image(decode=False)
+    _check_pipeline(dataset, tokenizer)
+    with pytest.raises(ValueError, match=r"splits \['test', 'train'\]"):
+        load_image_text_dataset(tmp_path / "data", cache_dir=cache_dir)
+
+
+def _table(root: Path, fmt: str) -> Path:
+    names = _write_images(root / "images")
+    paths = [f"images/{name}" for name in names]
+    if fmt == "csv":
+        import csv
+
+        path = root / "pairs.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["filepath", "title"])
+            writer.writerows(zip(paths, CAPTIONS))
+    elif fmt == "tsv":
+        path = root / "pairs.tsv"
+        lines = ["url\tcaption"] + [f"{p}\t{c}" for p, c in zip(paths, CAPTIONS)]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path = root / "pairs.jsonl"
+        path.write_text("".join(json.dumps({"picture": p, "sentence": c}) + "\n" for p, c in zip(paths, CAPTIONS)))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_table_formats_resolve_paths_relative_to_the_file(tmp_path, tokenizer, cache_dir, fmt):
+    path = _table(tmp_path, fmt)
+    assert detect_format(path) == fmt
+    columns = {"csv": {}, "tsv": {"image_column": "url"}, "jsonl": {"image_column": "picture"}}[fmt]
+    dataset = load_image_text_dataset(path, cache_dir=cache_dir, **columns)
+    assert dataset[0]["image"]["path"] == str(tmp_path / "images" / "0.png")
+    assert dataset[1]["text"] == 'a "quoted" green box'  # quotes survive in every format
+    _check_pipeline(dataset, tokenizer)
+    streamed = load_image_text_dataset(path, cache_dir=cache_dir, streaming=True, **columns)
+    assert [record["text"] for record in streamed] == [record["text"] for record in dataset]
+
+
+def test_missing_column_is_a_clear_error(tmp_path, cache_dir):
+    path = _table(tmp_path, "jsonl")
+    with pytest.raises(ValueError, match=r"image column among \['picture', 'sentence'\]: pass image_column="):
+        load_image_text_dataset(path, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="'nope' is not among"):
+        load_image_text_dataset(path, image_column="picture", text_column="nope", cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="Unknown format"):
+        load_image_text_dataset(path, format="parquet")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match="format='classfolder'"):
+        detect_format(tmp_path / "empty_dir")
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _img2dataset_shards(folder: Path) -> None:
+    """Shards written by hand in img2dataset's layout: samples 3-5 are bad, and shard 2 is truncated."""
+    folder.mkdir(parents=True)
+    samples = [(f"{i // 4:05d}{i % 4:04d}", i) for i in range(8)]
+    for shard in range(2):
+        with tarfile.open(folder / f"{shard:06d}.tar", "w") as archive:
+            for key, index in samples[shard * 4 : shard * 4 + 4]:
+                image = b"garbage" if index == 3 else _encoded(_image(index), "JPEG" if index % 2 else "PNG")
+                _add_member(archive, f"{key}.{'jpg' if index % 2 else 'png'}", image)
+                if index != 7:  # sample 7 has no .txt: its caption comes from the .json
+                    _add_member(archive, f"{key}.txt", CAPTIONS[index].encode())
+                _add_member(archive, f"{key}.json", json.dumps({"caption": CAPTIONS[index], "key": key}).encode())
+    # A third shard cut in the middle of its second sample: the first sample must still be read.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        _add_member(archive, "0000200000.png", _encoded(_image(0)))
+        _add_member(archive, "0000200000.txt", b"from the truncated shard")
+        _add_member(archive, "0000200001.png", _encoded(_image(1), "PNG") * 3)
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as archive:
+        cut = archive.getmember("0000200001.png").offset_data + 10
+    (folder / "000002.tar").write_bytes(buffer.getvalue()[:cut])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_webdataset_shards(tmp_path, tokenizer, cache_dir, streaming):
+    _img2dataset_shards(tmp_path / "shards" / "train")
+    assert detect_format(tmp_path / "shards") == "webdataset"
+    dataset = load_image_text_dataset(tmp_path / "shards", streaming=streaming, cache_dir=cache_dir)
+    records = list(dataset)
+    keys = [record["__key__"] for record in records]
+    assert keys == [f"{i // 4:05d}{i % 4:04d}" for i in range(8)] + ["0000200000"]
+    assert records[7]["text"] == "a cyan"  # from the .json
+    assert records[8]["text"] == "from the truncated shard"
+    assert records[0]["json"] == {"caption": CAPTIONS[0], "key": "000000000"}
+    batches, stats = _collate_all(dataset, tokenizer, num_workers=0)
+    # Sample 6 has a (valid) image in the shards, so it is kept; sample 3 is corrupt; 4 and 5 have empty captions.
+    assert stats.as_dict() == {"seen": 9, "kept": 6, "skipped_corrupt_image": 1, "skipped_empty_caption": 2}
+    pixels = torch.cat([batch["pixel_values"] for batch in batches])
+    # Kept: samples 0, 1, 2, 6, 7 and the truncated shard's first; even samples are (lossless) PNGs.
+    for row, index in zip([0, 2, 3, 5], [0, 2, 6, 0]):
+        torch.testing.assert_close(pixels[row], _reference_pixels(_image(index)), atol=1e-5, rtol=0)
+    pattern = str(tmp_path / "shards" / "train" / "{000000..000001}.tar")
+    assert expand_braces(pattern)[-1].endswith("000001.tar")
+    assert len(list(load_image_text_dataset(pattern, streaming=True))) == 8
+
+
+@pytest.mark.slow
+def test_dataset_objects_streaming_with_two_workers(tokenizer):
+    """Format (d): a datasets object with a decoded Image column, streamed to 2 DataLoader workers."""
+    images = [_image(i) if i != 3 else None for i in range(len(CAPTIONS))]
+    features = datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string")})
+    table = {"picture": [_encoded(im) if im is not None else b"junk" for im in images], "caption": CAPTIONS}
+    source = datasets.Dataset.from_dict(table).cast(features)
+    dataset = load_image_text_dataset(datasets.DatasetDict({"train": source}), image_column="picture", streaming=True)
+    assert isinstance(dataset, datasets.IterableDataset) and dataset.num_shards == len(CAPTIONS)
+    batches, stats = _collate_all(dataset, tokenizer, batch_size=2, num_workers=2)
+    # Workers interleave batches: compare as sets, and check that the counts reached this process.
+    kept = sorted(
+        round(float(batch["pixel_values"][i, 2].mean()), 4)
+        for batch in batches
+        for i in range(len(batch["pixel_values"]))
+    )
+    expected = sorted(round(float(_reference_pixels(_image(i))[2].mean()), 4) for i in GOOD + [6])
+    assert kept == expected
+    assert stats.as_dict() == {"seen": 8, "kept": 5, "skipped_corrupt_image": 1, "skipped_empty_caption": 2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_collator_tokenises_like_the_tokenizer(tokenizer):
+    long_caption = " ".join(["word"] * 100)
+    records = [
+        {"image": {"bytes": _encoded(_image(0)), "path": None}, "text": "a red box"},
+        {"image": {"bytes": _encoded(_image(1)), "path": None}, "text": ["", "  a green box  ", "other"]},
+        {"image": {"bytes": _encoded(_image(2)), "path": None}, "text": long_caption},
+    ]
+    batch = ImageTextCollator(tokenizer, EVAL_TRANSFORM, caption_choice="first")(records)
+    for row, caption in zip(range(3), ["a red box", "a green box", long_caption]):
+        expected = tokenizer(caption, truncation=True, max_length=77)["input_ids"]
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == expected
+        assert batch["input_ids"][row, length:].eq(tokenizer.pad_token_id).all()
+    assert batch["input_ids"].shape == (3, 77)  # the long caption sets the width (truncated to 77)
+    short = ImageTextCollator(tokenizer, EVAL_TRANSFORM)(records[:1])
+    assert short["input_ids"].shape == (1, len(tokenizer("a red box")["input_ids"]))  # dynamic padding
+    fixed = ImageTextCollator(tokenizer, EVAL_TRANSFORM, padding="max_length")(records[:1])
+    assert fixed["input_ids"].shape == (1, 77)
+    bad = [{"image": {"bytes": b"junk", "path": None}, "text": "x"}, {"image": None, "text": " "}]
+    collator = ImageTextCollator(tokenizer, TrainImageTransform(8, MEAN, STD))
+    empty = collator(bad)
+    assert empty["input_ids"].shape == (0, 0) and empty["pixel_values"].shape == (0, 3, 8, 8)
+    assert collator.stats.as_dict() == {"seen": 2, "kept": 0, "skipped_corrupt_image": 1, "skipped_empty_caption": 1}
+    with pytest.raises(ValueError, match="padding"):
+        ImageTextCollator(tokenizer, EVAL_TRANSFORM, padding="do_not_pad")
+
+
+@pytest.mark.slow
+def test_collator_with_two_workers_reports_counts_to_main_process(tmp_path, tokenizer, cache_dir):
+    _imagefolder(tmp_path / "data")
+    dataset = load_image_text_dataset(tmp_path / "data", split="train", cache_dir=cache_dir)
+    dataset = datasets.concatenate_datasets([dataset] * 3)  # 24 records, 12 bad, 8 batches over 2 workers
+    batches, stats = _collate_all(dataset, tokenizer, batch_size=3, num_workers=2)
+    assert sum(len(batch["input_ids"]) for batch in batches) == 12
+    assert stats.as_dict() == {"seen": 24, "kept": 12, "skipped_corrupt_image": 6, "skipped_empty_caption": 6}
+
+
+def test_drop_bad_records_counts_up_front(tmp_path, cache_dir):
+    _imagefolder(tmp_path / "data")
+    dataset = load_image_text_dataset(tmp_path / "data", split="train", cache_dir=cache_dir)
+    stats = DataStats()
+    clean = drop_bad_records(dataset, stats=stats)
+    assert [record["text"] for record in clean] == [CAPTIONS[i] for i in GOOD]
+    assert stats.as_dict() == {"seen": 4, "kept": 0, "skipped_corrupt_image": 2, "skipped_empty_caption": 2}
+    streaming_stats = DataStats()
+    streamed = drop_bad_records(dataset.to_iterable_dataset(), stats=streaming_stats)
+    assert [record["text"] for record in streamed] == [CAPTIONS[i] for i in GOOD]
+    assert streaming_stats.as_dict() == stats.as_dict()
+
+
+def test_extract_caption_and_decode_image_edge_cases(tmp_path):
+    assert extract_caption({"text": float("nan")}) is None
+    assert extract_caption({"text": 42}) == "42"
+    assert extract_caption({"text": None, "json": {"caption": " from json "}}) == "from json"
+    assert extract_caption({"text": ["", None]}) is None
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent: composited onto white
+    assert decode_image(_encoded(rgba)).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(np.zeros((3, 5), dtype=np.uint8)).size == (5, 3)
+    truncated = _encoded(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")[:300]
+    with pytest.raises(OSError):
+        decode_image(truncated)
+    with pytest.raises(FileNotFoundError):
+        decode_image(str(tmp_path / "absent.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(40, 30), (30, 37), (16, 16), (29, 50)])
+def test_eval_transform_matches_the_image_processor(size):
+    processor = MSClipImageProcessor.from_preset(image_size=16)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    with_processor = EvalImageTransform(processor)(image)
+    standalone = EvalImageTransform(size=16, mean=processor.image_mean, std=processor.image_std)(image)
+    reference = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert with_processor.shape == (3, 16, 16)
+    torch.testing.assert_close(with_processor, reference)
+    torch.testing.assert_close(standalone, reference, atol=1e-5, rtol=0)
+
+
+def test_train_transform_reads_the_processor_and_crops_within_bounds():
+    processor = MSClipImageProcessor.from_preset(image_size=24)
+    transform = TrainImageTransform.from_image_processor(processor, scale=(0.5, 0.8))
+    assert transform.size == (24, 24) and transform.scale == (0.5, 0.8)
+    np.testing.assert_allclose(transform.mean, processor.image_mean, rtol=1e-6)
+    np.testing.assert_allclose(transform.std, processor.image_std, rtol=1e-6)
+    transform.generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        left, top, right, bottom = transform.crop_box(100, 80)
+        assert 0 <= left < right <= 100 and 0 <= top < bottom <= 80
+        area = (right - left) * (bottom - top) / 8000
+        assert 0.5 - 0.02 <= area <= 0.8 + 0.02  # rounding to whole pixels
+        assert 3 / 4 - 0.03 <= (right - left) / (bottom - top) <= 4 / 3 + 0.03
+    # The default keeps 90-100% of the area like CLIP.
+    assert TrainImageTransform(8, MEAN, STD).scale == (0.9, 1.0)
+
+
+def test_train_transform_full_crop_equals_resize_and_normalise():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    transform = TrainImageTransform(8, MEAN, STD, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    array = np.asarray(image.resize((8, 8), Image.Resampling.BICUBIC), dtype=np.float64) / 255
+    expected = torch.tensor(((array - MEAN) / np.array(STD)).transpose(2, 0, 1), dtype=torch.float32)
+    torch.testing.assert_close(transform(image), expected, atol=1e-5, rtol=0)
+    # No flip by default (checked below); with flip on, about half the outputs are the mirror image.
+    flipping = TrainImageTransform(
+        8,
+        MEAN,
+        STD,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        horizontal_flip=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    outputs = [flipping(image) for _ in range(40)]
+    mirrored = sum(torch.allclose(out, expected.flip(-1), atol=1e-5) for out in outputs)
+    unchanged = sum(torch.allclose(out, expected, atol=1e-5) for out in outputs)
+    assert mirrored + unchanged == 40 and 8 <= mirrored <= 32
+    assert all(torch.allclose(transform(image), expected, atol=1e-5) for _ in range(10))
+    with pytest.raises(ValueError, match="scale"):
+        TrainImageTransform(8, MEAN, STD, scale=(0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Webdataset writer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_write_webdataset_round_trip(tmp_path, cache_dir):
+    _imagefolder(tmp_path / "data")
+    source = load_image_text_dataset(tmp_path / "data", split="train", cache_dir=cache_dir)
+    stats = DataStats()
+    shards = write_webdataset(source, tmp_path / "shards", samples_per_shard=3, stats=stats)
+    assert [shard.name for shard in shards] == ["000000.tar", "000001.tar"]
+    assert stats.as_dict() == {"seen": 8, "kept": 4, "skipped_corrupt_image": 2, "skipped_empty_caption": 2}
+    with tarfile.open(shards[0]) as archive:
+        names = archive.getnames()
+        metadata = json.loads(archive.extractfile("000000.json").read())
+    assert names == [f"00000{i}.{ext}" for i in range(3) for ext in ("png", "txt", "json")]
+    assert metadata == {"caption": CAPTIONS[0], "key": "000000", "extra": len(CAPTIONS[0])}
+    loaded = load_image_text_dataset(tmp_path / "shards", cache_dir=cache_dir)
+    assert [record["text"] for record in loaded] == [CAPTIONS[i] for i in GOOD]
+    for record, index in zip(loaded, GOOD):  # PNG stays PNG: pixels are identical
+        assert np.array_equal(np.asarray(decode_image(record["image"])), np.asarray(_image(index)))
+    # Same input, same bytes; a non-empty folder needs overwrite, which keeps files that are not shards.
+    (tmp_path / "shards" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_webdataset(source, tmp_path / "shards", samples_per_shard=3)
+    first_bytes = shards[0].read_bytes()
+    write_webdataset(source, tmp_path / "shards", samples_per_shard=3, overwrite=True)
+    assert shards[0].read_bytes() == first_bytes and (tmp_path / "shards" / "notes.txt").read_text() == "mine"
+    jpg_shards = write_webdataset(source, tmp_path / "jpg", samples_per_shard=10, image_format="jpg")
+    with tarfile.open(jpg_shards[0]) as archive:
+        assert sorted({name.split(".")[-1] for name in archive.getnames()}) == ["jpg", "json", "txt"]
+
+
+def test_write_webdataset_script(tmp_path, capsys):
+    path = _table(tmp_path, "csv")
+    script = _load_script("write_webdataset")
+    assert script.main(["--input", str(path), "--output", str(tmp_path / "out"), "--samples-per-shard", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.tar", "000001.tar"]
+    assert "skipped 4 (corrupt or unreadable image 2, empty caption 2)" in capsys.readouterr().out
+    assert script.main(["--input", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _expected_shape_signature(shape: str) -> tuple[float, float, float]:
+    """(area / bounding-box area, vertical centroid offset / box height, box width / radius) from the geometry."""
+    if shape == "circle":
+        return math.pi / 4, 0.0, 2.0
+    if shape == "square":
+        return 1.0, 0.0, 2 * SQUARE_HALF_SIDE
+    if shape == "triangle":  # apex up: the box spans R above the centre to R/2 below it
+        return 0.5, 1 / 6, math.sqrt(3) * TRIANGLE_CIRCUMRADIUS
+    if shape == "star":
+        sin36, sin72, cos36 = (math.sin(math.radians(36)), math.sin(math.radians(72)), math.cos(math.radians(36)))
+        area = 5 * STAR_INNER_RATIO * sin36  # ten triangles of sides R and kR at 36 degrees, per R^2
+        box_height = 1 + cos36
+        return area / (2 * sin72 * box_height), (1 - box_height / 2) / box_height, 2 * sin72 * STAR_OUTER_RADIUS
+    a = CROSS_ARM_RATIO
+    return 2 * a - a * a, 0.0, 2 * CROSS_HALF_WIDTH
+
+
+def _coverage(pixels: np.ndarray, color_name: str, region: np.ndarray) -> np.ndarray:
+    """Fraction of each pixel covered by the object of that colour (0 = background, 1 = object), in `region`."""
+    background = np.median(pixels[0], axis=0)  # objects never touch the border
+    palette = np.array(COLORS[color_name], dtype=np.float64)
+    rough = (np.linalg.norm(pixels - palette, axis=-1) < np.linalg.norm(palette - background) / 2) & region
+    color = np.median(pixels[rough], axis=0)  # the object's own (jittered) colour
+    direction = color - background
+    coverage = np.clip((pixels - background) @ direction / (direction @ direction), 0, 1)
+    ys, xs = np.nonzero(rough)
+    near = np.zeros_like(region)
+    near[max(ys.min() - 2, 0) : ys.max() + 3, max(xs.min() - 2, 0) : xs.max() + 3] = True
+    coverage = coverage * (near & region)
+    coverage[coverage < 0.1] = 0.0  # background noise
+    return coverage
+
+
+def _measure_objects(image: Image.Image, row: dict) -> list[dict]:
+    """Find every described object in the pixels: its colour, horizontal position, size and shape."""
+    pixels = np.asarray(image, dtype=np.float64)
+    side = pixels.shape[0]
+    found = []
+    for obj in row["objects"]:
+        region = np.ones((side, side), dtype=bool)
+        if row["num_objects"] == 2:  # the two objects sit in different halves
+            region[:, side // 2 :] = obj["position"] == "right"
+            region[:, : side // 2] = obj["position"] == "left"
+        coverage = _coverage(pixels, obj["color"], region)
+        mean_rgb = (pixels * coverage[..., None]).sum(axis=(0, 1)) / coverage.sum()
+        nearest = min(COLORS, key=lambda name: np.linalg.norm(mean_rgb - np.array(COLORS[name])))
+        # Sub-pixel extents: the sum over columns (rows) of the largest coverage in each.
+        column_profile, row_profile = coverage.max(axis=0), coverage.max(axis=1)
+        width, height = column_profile.sum(), row_profile.sum()
+        rows = np.nonzero(row_profile)[0]
+        top, bottom = rows[0] + 1 - row_profile[rows[0]], rows[-1] + row_profile[rows[-1]]
+        centroid_y = (coverage.sum(axis=1) * (np.arange(side) + 0.5)).sum() / coverage.sum()
+        centroid_x = (coverage.sum(axis=0) * (np.arange(side) + 0.5)).sum() / coverage.sum()
+        fill = coverage.sum() / (width * height)
+        offset = (centroid_y - (top + bottom) / 2) / height
+
+        def distance(shape, fill=fill, offset=offset):
+            expected_fill, expected_offset, _ = _expected_shape_signature(shape)
+            return abs(expected_fill - fill) + abs(expected_offset - offset)
+
+        shape = min(SHAPES, key=distance)
+        radius = width / _expected_shape_signature(shape)[2] / side
+        size = min(SIZES, key=lambda name: abs(SIZES[name] - radius))
+        found.append({"color": nearest, "x": centroid_x / side, "shape": shape, "size": size})
+    return found
+
+
+def test_shapes_captions_match_the_drawn_pixels():
+    config = ShapesConfig(image_size=128, two_object_probability=0.5)
+    for image, row in generate_examples("train", 40, config):
+        measured = _measure_objects(image, row)
+        for obj, seen in zip(row["objects"], measured):
+            assert seen["color"] == obj["color"] and seen["shape"] == obj["shape"] and seen["size"] == obj["size"]
+            assert obj["color"] in row["text"] and obj["shape"] in row["text"]
+        if row["num_objects"] == 1:
+            low, high = {"left": (0.15, 0.35), "center": (0.4, 0.6), "right": (0.65, 0.85)}[row["position"]]
+            assert low < measured[0]["x"] < high
+            assert f"{row['color']} {row['shape']}" in row["text"]
+            if any(word in row["text"] for word in ("left", "middle", "right")):
+                expected = {"left": "on the left", "center": "in the middle", "right": "on the right"}
+                assert row["text"].endswith(expected[row["position"]])
+        else:
+            assert measured[0]["x"] < 0.5 < measured[1]["x"]
+            left, right = (f"{o['color']} {o['shape']}" for o in row["objects"])
+            text = row["text"]
+            if "to the left of" in text or " and " in text:
+                assert text.index(left) < text.index(right)
+            else:
+                assert "to the right of" in text and text.index(right) < text.index(left)
+
+
+def test_shapes_splits_are_deterministic_and_hold_out_pairs():
+    config = ShapesConfig()
+    assert sample_scene("train", 7, config) == sample_scene("train", 7, ShapesConfig())
+    assert sample_scene("train", 7, config) != sample_scene("train", 7, ShapesConfig(seed=1))
+    first = [np.asarray(image) for image, _ in generate_examples("validation", 3, config)]
+    again = [np.asarray(image) for image, _ in generate_examples("validation", 3, config)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    held_out = set(DEFAULT_HELD_OUT_PAIRS)
+    for split in ("train", "validation"):
+        for index in range(400):
+            scene = sample_scene(split, index, config)
+            assert not any((obj.shape, obj.color) in held_out for obj in scene.objects)
+    test_pairs = [
+        (scene.objects[0].shape, scene.objects[0].color, scene.held_out_pair)
+        for scene in (sample_scene("test", index, config) for index in range(200))
+    ]
+    assert all((shape, color) in held_out for shape, color, flag in test_pairs if flag)
+    assert all((shape, color) not in held_out for shape, color, flag in test_pairs if not flag)
+    assert 60 < sum(flag for *_, flag in test_pairs) < 140
+    # Every shape and every colour still appears in training.
+    assert {s for s, _ in config.seen_pairs()} == set(SHAPES) and {c for _, c in config.seen_pairs()} == set(COLORS)
+    with pytest.raises(ValueError, match="Held-out pair"):
+        ShapesConfig(held_out_pairs=(("hexagon", "red"),))
+
+
+def test_shapes_dataset_on_disk_in_both_formats(tmp_path, tokenizer, cache_dir):
+    config = ShapesConfig(image_size=32)
+    folder = write_shapes_dataset(tmp_path / "folder", num_train=6, num_validation=0, num_test=5, config=config)
+    shards = write_shapes_dataset(
+        tmp_path / "shards",
+        num_train=6,
+        num_validation=0,
+        num_test=5,
+        config=config,
+        data_format="webdataset",
+        samples_per_shard=4,
+    )
+    assert sorted(p.name for p in (shards / "train").iterdir()) == ["000000.tar", "000001.tar"]
+    info = json.loads((folder / "shapes_info.json").read_text())
+    assert info["splits"] == {"train": 6, "test": 5} and info["held_out_pairs"][0] == ["circle", "blue"]
+    test_split = load_image_text_dataset(folder, split="test", cache_dir=cache_dir)
+    test_shards = load_image_text_dataset(shards, split="test", cache_dir=cache_dir)
+    assert test_split["text"] == test_shards["text"]
+    assert [record["shape_label"] for record in test_shards["json"]] == test_split["shape_label"]
+    for record in test_split:
+        image = decode_image(record["image"])
+        assert image.size == (32, 32)
+        assert ZERO_SHOT_TASKS["color_shape"].class_names[record["color_shape_label"]] == (
+            f"{record['color']} {record['shape']}"
+        )
+        assert SHAPES[record["shape_label"]] == record["shape"]
+    batch = ImageTextCollator(tokenizer, TrainImageTransform(32, MEAN, STD))(
+        list(load_image_text_dataset(folder, split="train", cache_dir=cache_dir))
+    )
+    assert batch["pixel_values"].shape == (6, 3, 32, 32)
+    script = _load_script("make_shapes_dataset")
+    assert script.main(["--output", str(folder), "--num-train", "2", "--num-test", "1"]) == 2
+    (folder / "mine.txt").write_text("keep me")
+    arguments = ["--output", str(folder), "--num-train", "2", "--num-validation", "1", "--num-test", "1"]
+    assert script.main([*arguments, "--overwrite"]) == 0
+    assert len(list((folder / "train").glob("*.png"))) == 2 and (folder / "mine.txt").read_text() == "keep me"
+
+
+def test_zero_shot_tasks_are_well_formed():
+    for name, task in ZERO_SHOT_TASKS.items():
+        assert task.label_column == f"{name}_label"
+        for index in range(len(task.class_names)):
+            prompts = task.prompts(index)
+            assert len(prompts) == len(task.templates) and all("{" not in p for p in prompts)
+            assert all(task.class_names[index] in prompt for prompt in prompts)
+            assert not any(" a orange" in prompt or prompt.startswith("a orange") for prompt in prompts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST recipe and class folders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _idx_bytes(array: np.ndarray, type_code: int) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_idx_parser(tmp_path):
+    fashion = _load_script("fashion_mnist")
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 5), dtype=np.uint8)
+    (tmp_path / "images.gz").write_bytes(gzip.compress(_idx_bytes(images, 0x08)))
+    assert np.array_equal(fashion.read_idx(tmp_path / "images.gz"), images)
+    signed = np.array([-300, 0, 300, 32767], dtype=np.int16)
+    (tmp_path / "shorts").write_bytes(_idx_bytes(signed, 0x0B))
+    assert fashion.read_idx(tmp_path / "shorts").tolist() == signed.tolist()
+    with pytest.raises(ValueError, match="needs 60 bytes of values, the file has 59"):
+        fashion.parse_idx(_idx_bytes(images, 0x08)[:-1], "cut")
+    with pytest.raises(ValueError, match="not an idx file"):
+        fashion.parse_idx(b"\x01\x00\x08\x01\x00\x00\x00\x00", "bad-magic")
+    with pytest.raises(ValueError, match="unknown idx type code 0x07"):
+        fashion.parse_idx(b"\x00\x00\x07\x01\x00\x00\x00\x00", "bad-type")
+
+
+def test_fashion_mnist_recipe(tmp_path, cache_dir):
+    fashion = _load_script("fashion_mnist")
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    arrays = {}
+    for split, count in (("train", 12), ("test", 10)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = np.arange(count, dtype=np.uint8) % 10
+        image_stem, label_stem = fashion.IDX_FILES[split]
+        (raw / f"{image_stem}.gz").write_bytes(gzip.compress(_idx_bytes(images, 0x08)))
+        (raw / f"{label_stem}.gz").write_bytes(gzip.compress(_idx_bytes(labels, 0x08)))
+        arrays[split] = (images, labels)
+    assert fashion.main(["--input-dir", str(raw), "--output", str(tmp_path / "out"), "--limit-train", "11"]) == 0
+    captions = load_image_text_dataset(tmp_path / "out", split="train", cache_dir=cache_dir)
+    assert len(captions) == 11
+    for index, record in enumerate(captions):
+        images, labels = arrays["train"]
+        class_name = fashion.FASHION_MNIST_CLASSES[labels[index]]
+        assert record["class_name"] == class_name and class_name in record["text"]
+        assert np.array_equal(np.asarray(Image.open(record["image"]["path"])), images[index])
+    assert "a ankle" not in " ".join(captions["text"])
+    classes, class_names = load_class_folder_dataset(tmp_path / "out", split="test", cache_dir=cache_dir)
+    assert class_names == sorted(fashion.FASHION_MNIST_CLASSES, key=lambda name: name.replace(" ", "_"))
+    assert "ankle boot" in class_names and len(classes) == 10
+    for record in classes:  # the folder a file sits in is its label
+        folder = Path(record["image"]["path"]).parent.name
+        assert class_names[record["label"]] == folder.replace("_", " ")
+        index = int(Path(record["image"]["path"]).stem)
+        assert fashion.FASHION_MNIST_CLASSES[arrays["test"][1][index]] == class_names[record["label"]]
+    (tmp_path / "out" / "test" / "bag" / "99999.png").write_bytes(b"broken")
+    classes, _ = load_class_folder_dataset(tmp_path / "out", split="test", cache_dir=str(tmp_path / "cache2"))
+    collator = ImageClassificationCollator(EVAL_TRANSFORM)
+    batch = collator(list(classes))
+    assert batch["pixel_values"].shape == (10, 3, 8, 8) and collator.stats.skipped_corrupt_image == 1
+    assert fashion.main(["--input-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
