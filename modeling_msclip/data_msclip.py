@@ -11,6 +11,7 @@ in a `DataStats` object. `DataStats` keeps its counters in shared memory, so the
 processes make are visible in the main process.
 """
 
+import contextlib
 import glob
 import io
 import json
@@ -569,6 +570,33 @@ def _empty_pixel_values(transform: Callable[[Image.Image], torch.Tensor]) -> tor
     return torch.zeros((0, 3, height, width), dtype=torch.float32)
 
 
+INDEX_KEY = "__index__"
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose records also carry their position under ``"__index__"``.
+
+    `ImageTextCollator(augmentation_seed=...)` uses it to give every sample its own augmentation randomness.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], INDEX_KEY: index}
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU RNG for the block and restore its previous state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+        yield
+
+
 class ImageTextCollator:
     """Decode, filter, transform and tokenise a list of records into a CLIP training batch.
 
@@ -590,6 +618,7 @@ class ImageTextCollator:
         max_length: int = CLIP_CONTEXT_LENGTH,
         caption_choice: str = "random",
         stats: DataStats | None = None,
+        augmentation_seed: int | None = None,
     ) -> None:
         """Configure the collator.
 
@@ -603,6 +632,10 @@ class ImageTextCollator:
             max_length: captions are truncated to this many tokens (77 for CLIP).
             caption_choice: "random" or "first", for records holding a list of captions.
             stats: counters to update; a new `DataStats` when omitted (read it back as ``collator.stats``).
+            augmentation_seed: draw each record's random augmentation (and caption choice) from a generator seeded
+                by ``(augmentation_seed, epoch, record["__index__"])`` (see `IndexedDataset`), so a sample is
+                augmented identically whichever worker, rank or resumed run collates it. Set ``collator.epoch``
+                at each epoch. ``None`` uses torch's global RNG.
         """
         if padding not in (True, "longest", "max_length"):
             raise ValueError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
@@ -616,25 +649,29 @@ class ImageTextCollator:
         self.max_length = max_length
         self.caption_choice = caption_choice
         self.stats = stats if stats is not None else DataStats()
+        self.augmentation_seed = augmentation_seed
+        self.epoch = 0
+
+    def _record_rng(self, record: Mapping[str, Any]) -> contextlib.AbstractContextManager:
+        """A context in which torch's global RNG is seeded for this record (when per-record seeding is on)."""
+        if self.augmentation_seed is None or INDEX_KEY not in record:
+            return contextlib.nullcontext()
+        return _seeded_global_rng(hash((self.augmentation_seed, self.epoch, int(record[INDEX_KEY]))))
 
     def decode_records(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor], list[str]]:
         """Return the transformed images and captions of the good records, counting the bad ones."""
         pixel_values, captions = [], []
         empty_caption = corrupt_image = 0
         for record in records:
-            caption = extract_caption(record, self.text_column, self.caption_choice)
-            if caption is None:
+            with self._record_rng(record):
+                caption, pixels, problem = self._decode_record(record)
+            if problem == "empty caption":
                 empty_caption += 1
-                self.stats.log_skip("empty caption", _describe_image(record.get(self.image_column)))
-                continue
-            try:
-                pixels = self.image_transform(decode_image(record.get(self.image_column)))
-            except Exception as error:  # any decode failure must skip the record, never end the run
+            elif problem is not None:
                 corrupt_image += 1
-                self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
-                continue
-            pixel_values.append(pixels)
-            captions.append(caption)
+            else:
+                pixel_values.append(pixels)
+                captions.append(caption)
         self.stats.add(
             seen=len(records),
             kept=len(captions),
@@ -642,6 +679,19 @@ class ImageTextCollator:
             skipped_empty_caption=empty_caption,
         )
         return pixel_values, captions
+
+    def _decode_record(self, record: Mapping[str, Any]) -> tuple[str | None, torch.Tensor | None, str | None]:
+        """(caption, pixels, None) for a good record, else (None, None, reason) after logging the skip."""
+        caption = extract_caption(record, self.text_column, self.caption_choice)
+        if caption is None:
+            self.stats.log_skip("empty caption", _describe_image(record.get(self.image_column)))
+            return None, None, "empty caption"
+        try:
+            pixels = self.image_transform(decode_image(record.get(self.image_column)))
+        except Exception as error:  # any decode failure must skip the record, never end the run
+            self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
+            return None, None, "corrupt image"
+        return caption, pixels, None
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Collate records into ``dict(input_ids, attention_mask, pixel_values, return_loss=True)``."""

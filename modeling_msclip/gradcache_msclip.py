@@ -124,8 +124,7 @@ def split_batch(batch: Mapping[str, torch.Tensor], num_micro_batches: int) -> li
         raise ValueError(f"batch size {batch_size} is not divisible into {num_micro_batches} equal micro-batches")
     chunk = batch_size // num_micro_batches
     return [
-        {key: value[start : start + chunk] for key, value in batch.items()}
-        for start in range(0, batch_size, chunk)
+        {key: value[start : start + chunk] for key, value in batch.items()} for start in range(0, batch_size, chunk)
     ]
 
 

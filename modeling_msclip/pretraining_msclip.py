@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets import IterableDataset
 from transformers import AutoProcessor, HfArgumentParser, TrainerCallback, set_seed
 
 from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
@@ -21,6 +22,7 @@ from .data_msclip import (
     DataStats,
     EvalImageTransform,
     ImageTextCollator,
+    IndexedDataset,
     TrainImageTransform,
     drop_bad_records,
     load_image_text_dataset,
@@ -165,6 +167,16 @@ class DataStatsCallback(TrainerCallback):
             state.log_history.append({"data_" + key: value for key, value in counts.items()})
 
 
+class AugmentationEpochCallback(TrainerCallback):
+    """Tells the collator which epoch starts, so per-sample augmentation differs between epochs."""
+
+    def __init__(self, collator: ImageTextCollator) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.collator.epoch = int(state.epoch + 1e-6)
+
+
 class SeenSampleRecorder:
     """Wraps a collator and appends each record's key (webdataset key, image path or caption) to a per-rank file."""
 
@@ -217,9 +229,15 @@ def build_datasets(data_args: DataArguments, stats: DataStats) -> tuple[Any, Any
 
 
 def run_pretraining(
-    model_args: ModelArguments, data_args: DataArguments, training_args: MSClipTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MSClipTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> MSClipTrainer:
-    """Assemble model, processor, data and `MSClipTrainer`, train (resuming if asked) and save."""
+    """Assemble model, processor, data and `MSClipTrainer`, train (resuming if asked) and save.
+
+    ``callbacks`` are added to the trainer (e.g. evaluation callbacks).
+    """
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)
     model = build_model(model_args)
@@ -233,7 +251,20 @@ def run_pretraining(
         train_transform = TrainImageTransform.from_image_processor(
             image_processor, scale=(data_args.crop_scale_min, 1.0)
         )
-    collator: Any = ImageTextCollator(processor.tokenizer, train_transform, padding=data_args.text_padding, stats=stats)
+    streaming = isinstance(train_dataset, IterableDataset)
+    if not streaming:
+        # Records carry their index so that each sample's augmentation is a function of (seed, epoch, index):
+        # identical whichever rank or worker collates it, and after a resume.
+        train_dataset = IndexedDataset(train_dataset)
+    augmentation_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    image_text_collator = ImageTextCollator(
+        processor.tokenizer,
+        train_transform,
+        padding=data_args.text_padding,
+        stats=stats,
+        augmentation_seed=None if streaming else augmentation_seed,
+    )
+    collator: Any = image_text_collator
     if data_args.log_seen_samples:
         collator = SeenSampleRecorder(collator, data_args.log_seen_samples)
     trainer = MSClipTrainer(
@@ -243,7 +274,7 @@ def run_pretraining(
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[DataStatsCallback(stats)],
+        callbacks=[DataStatsCallback(stats), AugmentationEpochCallback(image_text_collator), *(callbacks or [])],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

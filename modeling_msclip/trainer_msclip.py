@@ -184,7 +184,7 @@ class MSClipTrainer(Trainer):
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(stacked)
                 stacked /= dist.get_world_size()
-            logs.update({key: round(value, 6) for key, value in zip(keys, stacked.tolist(), strict=True)})
+            logs.update(dict(zip(keys, stacked.tolist(), strict=True)))
             self._term_sums, self._term_count = {}, 0
         if "loss" in logs:
             logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps

@@ -1,0 +1,58 @@
+"""run_pretrain.py plus two test hooks, launched by tests/test_pretraining_distributed.py.
+
+Environment:
+    CRASH_AFTER_STEP=k   hard-kill the process (os._exit, no cleanup) right after checkpoint k is written;
+    PROBE_OUTPUT=path    after training, run every rank's model on a fixed probe batch in eval mode and save the
+                         rank-0 outputs to ``path`` (under ZeRO-3 every rank must take part in the forward).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from modeling_msclip.pretraining_msclip import parse_pretraining_arguments, run_pretraining  # noqa: E402
+
+
+class CrashAfterCheckpoint(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os._exit(17)
+
+
+def probe_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(123)
+    input_ids = torch.zeros(4, 12, dtype=torch.long)
+    input_ids[:, 0] = 49406
+    input_ids[:, 1:9] = torch.randint(1, 49405, (4, 8), generator=generator)
+    input_ids[:, 9] = 49407
+    return {"input_ids": input_ids, "pixel_values": torch.randn(4, 3, 64, 64, generator=generator)}
+
+
+def main() -> None:
+    callbacks = []
+    if os.environ.get("CRASH_AFTER_STEP"):
+        callbacks.append(CrashAfterCheckpoint(int(os.environ["CRASH_AFTER_STEP"])))
+    trainer = run_pretraining(*parse_pretraining_arguments(), callbacks=callbacks)
+    if os.environ.get("PROBE_OUTPUT"):
+        model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+        model.eval()
+        batch = {k: v.to(trainer.args.device) for k, v in probe_batch().items()}
+        with torch.no_grad():
+            outputs = model(**batch, return_loss=False)
+        if trainer.is_world_process_zero():
+            torch.save(
+                {"image_embeds": outputs.image_embeds.cpu(), "text_embeds": outputs.text_embeds.cpu(),
+                 "logits_per_image": outputs.logits_per_image.cpu(), "batch": probe_batch()},
+                os.environ["PROBE_OUTPUT"],
+            )
+
+
+if __name__ == "__main__":
+    main()

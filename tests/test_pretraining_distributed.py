@@ -1,0 +1,134 @@
+"""Real multi-process pre-training runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 against one process, and an
+interrupted run resumed from its checkpoint against an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DIR
+
+from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipModel, build_msclip_processor
+from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+HOOKS_SCRIPT = REPO / "tests" / "scripts" / "pretrain_with_hooks.py"
+VOCAB = SHARED_DIR / "reference" / "msclip_official" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+NUM_SAMPLES = 48
+GLOBAL_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretraining")
+    write_shapes_dataset(root / "shapes", num_train=NUM_SAMPLES, num_validation=8, num_test=8,
+                         config=ShapesConfig(image_size=64))
+    torch.manual_seed(0)
+    MSClipForPreTraining(MSClipConfig.from_preset("msclip-s-tiny")).save_pretrained(root / "init")
+    build_msclip_processor(VOCAB, image_size=64).save_pretrained(root / "init")
+    return root
+
+
+def launch(workspace: Path, name: str, launcher: list[str], per_device_batch: int, *extra: str,
+           env: dict[str, str] | None = None, expect_returncode: int = 0) -> Path:
+    output = workspace / name
+    command = [
+        *launcher, str(HOOKS_SCRIPT),
+        "--model_name_or_path", str(workspace / "init"),
+        "--train_data", str(workspace / "shapes"), "--train_split", "train",
+        "--per_device_train_batch_size", str(per_device_batch),
+        "--learning_rate", "1e-4", "--logging_steps", "1", "--report_to", "none",
+        "--dataloader_num_workers", "0", "--output_dir", str(output),
+        "--log_seen_samples", str(output / "seen"), *extra,
+    ]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect_returncode, result.stdout[-2000:] + result.stderr[-4000:]
+    return output
+
+
+def accelerate(config: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configuration" / "accelerate" / config), "--main_process_port", str(_free_port())]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def step_terms(output: Path, key: str = "clip") -> dict[int, float]:
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry[key] for entry in history if key in entry}
+
+
+def seen_keys(output: Path) -> list[list[str]]:
+    return [path.read_text().split() for path in sorted((output / "seen").glob("seen_rank*.txt"))]
+
+
+@pytest.fixture(scope="module")
+def single_process(workspace):
+    return launch(workspace, "single", [sys.executable], GLOBAL_BATCH, "--num_train_epochs", "1",
+                  "--save_strategy", "no", "--no_augmentation")
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "extra"),
+    [
+        ("ddp", "multi_process.yaml", ()),
+        ("zero2", "deepspeed_zero2.yaml", ("--nonfinite_loss", "raise")),
+        ("zero3", "deepspeed_zero3.yaml", ("--nonfinite_loss", "raise")),
+    ],
+)
+def test_two_process_runs_shard_the_data_and_match_one_process(workspace, single_process, name, config, extra):
+    probe = workspace / f"{name}_probe.pt"
+    output = launch(workspace, name, accelerate(config), GLOBAL_BATCH // 2, "--num_train_epochs", "1",
+                    "--save_strategy", "no", "--no_augmentation", *extra, env={"PROBE_OUTPUT": str(probe)})
+
+    ranks = seen_keys(output)
+    assert len(ranks) == 2 and all(len(keys) == NUM_SAMPLES // 2 for keys in ranks)
+    assert not set(ranks[0]) & set(ranks[1]), "a sample went to both ranks"
+    assert sorted(ranks[0] + ranks[1]) == sorted(seen_keys(single_process)[0]), "an epoch must cover every sample once"
+
+    reference, distributed = step_terms(single_process), step_terms(output)
+    assert sorted(reference) == sorted(distributed) == [1, 2, 3]
+    assert distributed[1] == pytest.approx(reference[1], abs=1e-5), "step-0 loss differs from one process"
+    assert distributed[3] == pytest.approx(reference[3], abs=1e-3)
+
+    # The saved checkpoint loads as a plain inference model and reproduces the trained model's outputs.
+    saved = torch.load(probe)
+    model = MSClipModel.from_pretrained(output, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        outputs = model(**saved["batch"])
+    assert torch.allclose(outputs.image_embeds, saved["image_embeds"], atol=1e-5)
+    assert torch.allclose(outputs.text_embeds, saved["text_embeds"], atol=1e-5)
+    assert torch.allclose(outputs.logits_per_image, saved["logits_per_image"], atol=1e-4)
+
+
+def test_interrupted_run_resumes_exactly(workspace):
+    common = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--crop_scale_min", "0.5")
+    full = launch(workspace, "resume_full", [sys.executable], 8, *common)
+    launch(workspace, "resume_cut", [sys.executable], 8, *common, env={"CRASH_AFTER_STEP": "4"}, expect_returncode=17)
+    cut = workspace / "resume_cut"
+    assert (cut / "checkpoint-4").is_dir() and not (cut / "checkpoint-6").exists()
+    resumed = launch(workspace, "resume_cut", [sys.executable], 8, *common,
+                     "--resume_from_checkpoint", str(cut / "checkpoint-4"))
+    expected, got = step_terms(full), step_terms(resumed)
+    for step in (5, 6):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    full_state = MSClipForPreTraining.from_pretrained(full).state_dict()
+    resumed_state = MSClipForPreTraining.from_pretrained(resumed).state_dict()
+    for key, value in full_state.items():
+        assert torch.allclose(value.float(), resumed_state[key].float(), atol=1e-6), key
+    running_vars = [k for k in full_state if k.endswith("running_var")]
+    assert running_vars and any(not torch.equal(full_state[k], torch.ones_like(full_state[k])) for k in running_vars)
