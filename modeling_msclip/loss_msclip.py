@@ -40,6 +40,7 @@ from torch import nn
 
 __all__ = [
     "ClipLoss",
+    "all_reduce_sum_with_grad",
     "NClipHead",
     "NClipLoss",
     "NClipLossOutput",
@@ -107,7 +108,7 @@ def gather_features(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return torch.cat(shards, dim=0)
 
 
-def _all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks; the backward also sums (see the module docstring for why that is what we want)."""
     _, world_size = get_rank_and_world_size()
     if world_size == 1:
@@ -652,8 +653,8 @@ class NClipLoss(nn.Module):
 
         pred = (-(q_text * log_p_image).sum(-1).mean() - (q_image * log_p_text).sum(-1).mean()) / 2
         sharp = (_entropy_from_log_probs(log_p_image).mean() + _entropy_from_log_probs(log_p_text).mean()) / 2
-        pbar_image = _all_reduce_sum_with_grad(log_p_image.exp().sum(0)) / global_batch
-        pbar_text = _all_reduce_sum_with_grad(log_p_text.exp().sum(0)) / global_batch
+        pbar_image = all_reduce_sum_with_grad(log_p_image.exp().sum(0)) / global_batch
+        pbar_text = all_reduce_sum_with_grad(log_p_text.exp().sum(0)) / global_batch
         smooth = -(_entropy_of_probs(pbar_image) + _entropy_of_probs(pbar_text)) / 2
         total = pred + self.lambda_sharp * sharp + self.lambda_smooth * smooth
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
@@ -31,7 +30,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_msclip import MSClipConfig, MSClipTextConfig, MSClipVisionConfig
-from .loss_msclip import ClipLoss, NClipHead, NClipLoss, NClipPrototypes, SigLipLoss, xclip_loss
+from .loss_msclip import (
+    ClipLoss,
+    NClipHead,
+    NClipLoss,
+    NClipPrototypes,
+    SigLipLoss,
+    all_reduce_sum_with_grad,
+    xclip_loss,
+)
 
 MODALITIES = ("text", "vision")
 
@@ -307,7 +314,7 @@ class MSClipBatchNorm2d(nn.BatchNorm2d):
                 features.float().square().sum(dim=(0, 2, 3)),
             ]
         )
-        count, total, total_square = dist_nn.all_reduce(local).unbind(0)
+        count, total, total_square = all_reduce_sum_with_grad(local).unbind(0)
         mean = total / count
         variance = (total_square / count - mean.square()).clamp_min(0)
         with torch.no_grad():
@@ -996,7 +1003,8 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
                 if loss is None
                 else xclip_loss(loss, nclip.total, objective.clip_weight, objective.nclip_weight)
             )
-        terms["logit_scale_exp"] = outputs.logit_scale.exp()
+        # The temperature the contrastive terms actually used (exp(logit_scale) capped at logit_scale_max).
+        terms["logit_scale_exp"] = outputs.logit_scale.exp().clamp(max=self.config.logit_scale_max)
         result.loss = loss
         result.loss_terms = {key: value.detach().float().reshape(()) for key, value in terms.items()}
         return result
