@@ -393,23 +393,42 @@ sys.modules["modeling_msclip"] = None  # make the installed package unimportable
 from transformers import AutoModel, AutoModelForImageClassification
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 assert "modeling_msclip" not in type(model).__module__.split(".")[0], type(model).__module__
-data = torch.load(sys.argv[2])
+data = torch.load(sys.argv[2], weights_only=False)
 with torch.no_grad():
     logits = model(**data["inputs"]).logits_per_image
 assert torch.equal(logits, data["logits"]), (logits - data["logits"]).abs().max()
 AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True, num_labels=3)
-print("REMOTE-OK", type(model).__module__)
+from transformers import pipeline
+classifier = pipeline("zero-shot-image-classification", model=sys.argv[1], trust_remote_code=True)
+scores = {r["label"]: r["score"] for r in classifier(data["image"], candidate_labels=data["labels"])}
+for label, expected in data["scores"].items():
+    assert abs(scores[label] - expected) < 1e-5, (label, scores[label], expected)
+print("REMOTE-OK", type(model).__module__, type(classifier.tokenizer).__module__)
 """
 
 
-def test_remote_code_loads_without_the_package(tmp_path):
+def test_remote_code_loads_without_the_package(tmp_path, msclip_tokenizer_dir):
+    from PIL import Image
+    from transformers import pipeline
+
+    from modeling_msclip import MSClipImageProcessor, MSClipProcessor, MSClipTokenizer
+
     torch.manual_seed(0)
     model = MSClipModel(MSClipConfig.from_preset("msclip-s-tiny")).eval()
     model.save_pretrained(tmp_path / "model")
+    MSClipProcessor(
+        image_processor=MSClipImageProcessor.from_preset("msclip", image_size=64),
+        tokenizer=MSClipTokenizer.from_pretrained(msclip_tokenizer_dir),
+    ).save_pretrained(tmp_path / "model")
     inputs = tiny_inputs(model.config)
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
-    torch.save({"inputs": inputs, "logits": logits}, tmp_path / "expected.pt")
+    image = Image.fromarray(torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8).numpy())
+    labels = ["a dog", "a cat"]
+    in_process = pipeline("zero-shot-image-classification", model=str(tmp_path / "model"))
+    scores = {r["label"]: r["score"] for r in in_process(image, candidate_labels=labels)}
+    torch.save({"inputs": inputs, "logits": logits, "image": image, "labels": labels, "scores": scores},
+               tmp_path / "expected.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"
@@ -419,6 +438,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK transformers_modules" in result.stdout
+    assert result.stdout.strip().split()[-1].startswith("transformers_modules"), "the tokenizer must be remote code"
 
 
 # ------------------------------------------------------------------------------------------------- config errors
@@ -448,3 +468,34 @@ def test_bad_inputs_get_clear_errors():
     with torch.no_grad():
         features = model.get_image_features(pixel_values=torch.randn(1, 3, 96, 96), interpolate_pos_encoding=True)
     assert features.pooler_output.shape == (1, 64)
+
+
+def test_zero_shot_pipeline_scores_match_the_model(tmp_path, msclip_tokenizer_dir):
+    from PIL import Image
+    from transformers import pipeline
+
+    from modeling_msclip import MSClipImageProcessor, MSClipProcessor, MSClipTokenizer
+
+    torch.manual_seed(0)
+    model = MSClipModel(MSClipConfig.from_preset("msclip-s-tiny")).eval()
+    processor = MSClipProcessor(
+        image_processor=MSClipImageProcessor.from_preset("msclip", image_size=64),
+        tokenizer=MSClipTokenizer.from_pretrained(msclip_tokenizer_dir),
+    )
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image = Image.fromarray(torch.randint(0, 255, (80, 96, 3), dtype=torch.uint8).numpy())
+    labels = ["a red circle", "a blue square", "a green triangle"]
+
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    results = classifier(image, candidate_labels=labels, hypothesis_template="a photo of {}.")
+    assert sorted(r["label"] for r in results) == sorted(labels)
+    assert sum(r["score"] for r in results) == pytest.approx(1.0, abs=1e-5)
+
+    inputs = processor(text=[f"a photo of {label}." for label in labels], images=image, return_tensors="pt",
+                       padding="max_length")
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image.softmax(-1)[0]
+    scores = {r["label"]: r["score"] for r in results}
+    for label, probability in zip(labels, expected.tolist(), strict=True):
+        assert scores[label] == pytest.approx(probability, abs=1e-5)
