@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - exercised on Windows only
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "imagefolder", "csv", "tsv", "jsonl", "webdataset", "hub", "classfolder")
+FORMATS = ("auto", "imagefolder", "csv", "tsv", "jsonl", "webdataset", "hub", "classfolder", "disk")
 # Preferred order when a webdataset sample holds more than one image field.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTENSIONS = ("txt", "text", "caption")
@@ -1051,6 +1051,7 @@ def detect_format(source: str | os.PathLike) -> str:
     * a folder holding ``*.tar`` shards (directly or one level down) -> "webdataset";
     * a folder holding a ``metadata.jsonl``/``metadata.csv``/``metadata.parquet`` (directly or one level down)
       -> "imagefolder";
+    * a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` -> "disk";
     * a missing local path that looks like ``name`` or ``owner/name`` -> "hub".
 
     Class folders are never guessed (they carry no captions): pass ``format="classfolder"``.
@@ -1071,6 +1072,8 @@ def detect_format(source: str | os.PathLike) -> str:
             return "webdataset"
         raise ValueError(f"Cannot tell the format of {source}: expected .csv, .tsv, .jsonl or .tar; pass format=")
     if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "disk"
         folders = [path] + [child for child in sorted(path.iterdir()) if child.is_dir()]
         if any(_is_shard_path(child.name) for folder in folders for child in folder.iterdir() if child.is_file()):
             return "webdataset"
@@ -1256,6 +1259,11 @@ def load_image_text_dataset(
     if format == "webdataset":
         dataset = _load_webdataset(source, split, streaming, cache_dir, image_column, text_column)
         return dataset
+    if format == "disk":
+        dataset = _pick_split(datasets.load_from_disk(source), split, source)
+        if streaming:
+            dataset = _to_iterable(dataset)
+        return prepare_image_text_columns(dataset, image_column=image_column, text_column=text_column)
     if format == "imagefolder":
         if not Path(source).is_dir():
             raise NotADirectoryError(f"An imagefolder source must be a folder: {source}")

@@ -962,6 +962,14 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.msclip.get_input_embeddings()
 
+    def get_text_features(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """`MSClipModel.get_text_features` of the wrapped model (for evaluation during pre-training)."""
+        return self.msclip.get_text_features(*args, **kwargs)
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """`MSClipModel.get_image_features` of the wrapped model (for evaluation during pre-training)."""
+        return self.msclip.get_image_features(*args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

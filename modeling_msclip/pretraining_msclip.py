@@ -83,6 +83,20 @@ class DataArguments:
     )
     crop_scale_min: float = field(default=0.9, metadata={"help": "Lower bound of the random-resized-crop area."})
     no_augmentation: bool = field(default=False, metadata={"help": "Train on the evaluation transform."})
+    zeroshot_eval_data: str | None = field(
+        default=None, metadata={"help": "Labelled images for zero-shot accuracy during training (any data format)."}
+    )
+    zeroshot_eval_split: str | None = field(default=None, metadata={"help": "Split of --zeroshot_eval_data."})
+    zeroshot_label_column: str = field(default="label", metadata={"help": "Integer label column of that data."})
+    zeroshot_class_names: str | None = field(
+        default=None, metadata={"help": "Class names in label order: a file (one per line) or comma-separated."}
+    )
+    zeroshot_templates: str | None = field(
+        default=None, metadata={"help": "File of prompt templates, one per line, each with one {} placeholder."}
+    )
+    zeroshot_eval_steps: int | None = field(
+        default=None, metadata={"help": "Run the zero-shot evaluation every N steps."}
+    )
     log_seen_samples: str | None = field(
         default=None,
         metadata={
@@ -201,6 +215,35 @@ class SeenSampleRecorder:
         return self.collator(records)
 
 
+def _read_list(value: str) -> list[str]:
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def build_zero_shot_callback(data_args: DataArguments, processor: Any) -> TrainerCallback | None:
+    """A `ZeroShotEvalCallback` on ``--zeroshot_eval_data`` (``None`` when not asked for)."""
+    if not data_args.zeroshot_eval_data:
+        return None
+    from .evaluation_msclip import DEFAULT_TEMPLATES, ZeroShotEvalCallback
+
+    dataset = load_image_text_dataset(
+        data_args.zeroshot_eval_data, split=data_args.zeroshot_eval_split, text_column=data_args.text_column
+    )
+    class_names = _read_list(data_args.zeroshot_class_names) if data_args.zeroshot_class_names else None
+    templates = _read_list(data_args.zeroshot_templates) if data_args.zeroshot_templates else DEFAULT_TEMPLATES
+    return ZeroShotEvalCallback(
+        processor,
+        zero_shot_dataset=dataset,
+        class_names=class_names,
+        templates=templates,
+        retrieval_dataset=dataset,
+        eval_steps=data_args.zeroshot_eval_steps,
+        label_column=data_args.zeroshot_label_column,
+    )
+
+
 def build_datasets(data_args: DataArguments, stats: DataStats) -> tuple[Any, Any]:
     """Load train (and eval) pairs, dropping bad records of map-style data up front so ranks see equal batches."""
 
@@ -276,6 +319,9 @@ def run_pretraining(
         processing_class=processor,
         callbacks=[DataStatsCallback(stats), AugmentationEpochCallback(image_text_collator), *(callbacks or [])],
     )
+    zero_shot_callback = build_zero_shot_callback(data_args, processor)
+    if zero_shot_callback is not None:
+        zero_shot_callback.attach(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
