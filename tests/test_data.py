@@ -236,6 +236,17 @@ def _table(root: Path, fmt: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_save_to_disk_folders(tmp_path, tokenizer, cache_dir, streaming):
+    names = _write_images(tmp_path / "images")
+    paths = [str(tmp_path / "images" / name) for name in names]
+    datasets.Dataset.from_dict({"image": paths, "text": CAPTIONS}).save_to_disk(str(tmp_path / "saved"))
+    assert detect_format(tmp_path / "saved") == "disk"
+    dataset = load_image_text_dataset(tmp_path / "saved", streaming=streaming)
+    assert isinstance(dataset, datasets.IterableDataset if streaming else datasets.Dataset)
+    _check_pipeline(dataset, tokenizer)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
 def test_table_formats_resolve_paths_relative_to_the_file(tmp_path, tokenizer, cache_dir, fmt):
     path = _table(tmp_path, fmt)

@@ -3,7 +3,7 @@
 1. draws the embedded dataset (procedural shapes with compositional captions; no download) into
    ``demo_output/data/shapes`` (reused on later runs);
 2. builds the tokenizer from the CLIP BPE file (``../shared/reference/msclip_official/tokenizer/`` or ``--vocab``);
-3. pre-trains ``msclip-s-tiny`` on CPU with ``accelerate launch training/run_pretrain.py``, evaluating zero-shot
+3. pre-trains ``msclip-s-b16-tiny`` on CPU with ``accelerate launch training/run_pretrain.py``, evaluating zero-shot
    accuracy on held-out colour/shape combinations while it trains;
 4. evaluates zero-shot classification (shape, colour, colour+shape; all test images and only the held-out
    combinations never seen in training) and image<->text retrieval, prints a table against chance and writes
@@ -79,7 +79,7 @@ def pretrain(run_dir: Path, data: Path, vocab: Path, steps: int, batch_size: int
         str(REPO / "configuration" / "accelerate" / "single_process.yaml"),
         str(REPO / "training" / "run_pretrain.py"),
         "--model_preset",
-        "msclip-s-tiny",
+        "msclip-s-b16-tiny",
         "--vocab",
         str(vocab),
         "--train_data",
