@@ -17,10 +17,11 @@ Conventions shared by every metric (see docs/evaluation.md for the exact definit
   at least as high as the right one. A collapsed model (all scores equal) therefore scores 0, never 100 %.
 * Every metric is a fraction in [0, 1].
 
-Command line (all data directories are `datasets` "imagefolder" folders or `Dataset.save_to_disk` folders)::
+Command line (data in any format `load_eval_dataset` reads: class folders, image folders with ``metadata.jsonl``,
+CSV/JSONL, webdataset shards, `Dataset.save_to_disk` folders; ``--shapes-data`` takes the embedded shapes dataset)::
 
     python -m modeling_msclip.evaluation_msclip --model DIR --zero-shot-data DIR --retrieval-data DIR \
-        --linear-probe-train DIR --linear-probe-test DIR --output results.json
+        --linear-probe-train DIR --linear-probe-test DIR --shapes-data DIR --output results.json
 """
 
 from __future__ import annotations
@@ -1159,22 +1160,146 @@ def load_model_and_processor(
     return model, processor
 
 
-def load_eval_dataset(path: str | os.PathLike, max_samples: int | None = None) -> Any:
-    """Load a `Dataset.save_to_disk` folder or an imagefolder (class sub-folders and/or `metadata.jsonl`)."""
+EVAL_PURPOSES = ("auto", "classification", "retrieval")
+
+
+def load_eval_dataset(
+    path: str | os.PathLike,
+    max_samples: int | None = None,
+    *,
+    split: str | None = None,
+    purpose: str = "auto",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    require_class_names: bool = False,
+) -> Any:
+    """Load an evaluation dataset through the project's data loaders (images stay undecoded until used).
+
+    Sources:
+
+    * a `Dataset.save_to_disk` folder, returned as saved (a `DatasetDict` folder needs ``split``);
+    * class folders ``root/<class>/*`` (labels follow the sorted folder names), also inside split folders and next
+      to a ``metadata.jsonl`` (Fashion-MNIST as ``processing/fashion_mnist.py`` writes it);
+    * for ``purpose="classification"``: anything `finetuning_msclip.load_classification_dataset` reads, e.g. an
+      image folder whose ``metadata.jsonl`` holds ``label_column`` (records with a negative label are dropped);
+    * otherwise anything `data_msclip.load_image_text_dataset` reads: an image folder with captions in
+      ``metadata.jsonl``, CSV/TSV/JSONL tables, webdataset shards, Hub datasets.
+
+    Args:
+        path: folder, file, shard pattern or Hub name.
+        max_samples: keep only the first N records.
+        split: split to use when the source has several; ``path/split`` is used when that folder exists.
+        purpose: ``"classification"`` (image + label: zero-shot, linear probe), ``"retrieval"`` (image + caption)
+            or ``"auto"`` (class folders as classification data, anything else as image-text data).
+        label_column: label column for classification data (renamed to ``label``).
+        class_names: names of integer labels that carry none (classification only).
+        require_class_names: raise when integer labels have no names (zero-shot prompts need them).
+
+    Returns:
+        A `datasets.Dataset` with ``image`` and ``label`` (classification) or ``text`` (image-text) columns.
+    """
     import datasets
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"dataset directory {path} does not exist")
-    if (path / "dataset_info.json").exists() and (path / "state.json").exists():
-        dataset = datasets.load_from_disk(str(path))
+    from .data_msclip import load_class_folder_dataset, load_image_text_dataset
+    from .finetuning_msclip import labelled_folder_format, load_classification_dataset
+
+    if purpose not in EVAL_PURPOSES:
+        raise ValueError(f"purpose must be one of {EVAL_PURPOSES}, got {purpose!r}")
+    source = os.fspath(path)
+    local = Path(source)
+    if local.is_dir() and split is not None and (local / split).is_dir():
+        local, split = local / split, None
+        source = str(local)
+    looks_like_hub_name = not local.is_absolute() and source.count("/") <= 1 and not source.startswith(".")
+    if not local.exists() and not looks_like_hub_name:
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    labelled = {"label_column": label_column, "class_names": class_names, "require_class_names": require_class_names}
+    saved_dict = local.is_dir() and (local / "dataset_dict.json").is_file()
+    saved_dataset = local.is_dir() and (local / "dataset_info.json").is_file() and (local / "state.json").is_file()
+    if saved_dict or saved_dataset:
+        dataset = datasets.load_from_disk(source)
+        if saved_dict:
+            if split is None or split not in dataset:
+                raise ValueError(f"{path} holds the splits {list(dataset)}; pass a split (--split) or point at one")
+            dataset = dataset[split]
+        if purpose == "classification":
+            dataset, _ = load_classification_dataset(dataset, **labelled)
+    elif purpose == "classification":
+        dataset, _ = load_classification_dataset(source, split=split, **labelled)
+    elif purpose == "auto" and local.is_dir() and labelled_folder_format(local) == "classfolder":
+        dataset, _ = load_class_folder_dataset(source, split=split)
     else:
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-    if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"{path} holds several splits ({list(dataset)}); point at one split")
+        dataset = load_image_text_dataset(source, split=split)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset
+
+
+def evaluate_shapes_dataset(
+    model: torch.nn.Module,
+    processor: Any,
+    root: str | os.PathLike,
+    *,
+    split: str = "test",
+    tasks: Sequence[str] | None = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot classification on every task of the embedded shapes dataset, and retrieval, on one split.
+
+    Each image is encoded once. Every task of `shapes_dataset.ZERO_SHOT_TASKS` uses its own class names, prompt
+    templates and label column (images whose label is -1, i.e. two-object scenes, are left out of that task). On
+    the colour+shape task the images of held-out colour x shape pairs (never seen in training) and of seen pairs
+    are also scored apart, as ``zeroshot_color_shape_held_out_pairs`` / ``zeroshot_color_shape_seen_pairs``.
+
+    Returns:
+        ``{"zeroshot_<task>": zero_shot_metrics, ..., "retrieval": retrieval_metrics}``, each with ``num_skipped``.
+    """
+    from .shapes_dataset import ZERO_SHOT_TASKS, load_shapes_info
+
+    load_shapes_info(root)  # fails clearly when root is not a shapes dataset
+    tasks = list(tasks) if tasks else list(ZERO_SHOT_TASKS)
+    unknown = sorted(set(tasks) - set(ZERO_SHOT_TASKS))
+    if unknown:
+        raise ValueError(f"unknown shapes task(s) {unknown}; choose from {sorted(ZERO_SHOT_TASKS)}")
+    dataset = load_eval_dataset(root, max_samples, split=split, purpose="retrieval")
+    label_columns = [ZERO_SHOT_TASKS[name].label_column for name in tasks]
+
+    def extract(row: Mapping[str, Any]) -> dict[str, Any]:
+        labels = {column: int(row[column]) for column in label_columns}
+        return {"labels": labels, "held_out": bool(row.get("held_out_pair")), "captions": _captions_of(row["text"])}
+
+    tokenizer, image_preprocess = split_processor(processor)
+    image_embeds, rows, num_skipped = _encode_dataset_images(
+        model, image_preprocess, dataset, "image", extract, batch_size
+    )
+    if image_embeds is None:
+        raise ValueError(f"no usable records in {root}/{split} ({num_skipped} skipped)")
+    results: dict[str, dict[str, Any]] = {}
+    for name in tasks:
+        task = ZERO_SHOT_TASKS[name]
+        labels = torch.tensor([row["labels"][task.label_column] for row in rows])
+        held_out = torch.tensor([row["held_out"] for row in rows])
+        classifier = build_zero_shot_classifier(model, tokenizer, task.class_names, task.templates, batch_size)
+        subsets = {f"zeroshot_{name}": labels >= 0}
+        if name == "color_shape":
+            subsets[f"zeroshot_{name}_seen_pairs"] = (labels >= 0) & ~held_out
+            subsets[f"zeroshot_{name}_held_out_pairs"] = (labels >= 0) & held_out
+        for key, keep in subsets.items():
+            if keep.any():
+                metrics = zero_shot_metrics(
+                    image_embeds[keep], classifier, labels[keep], class_names=list(task.class_names)
+                )
+                results[key] = {**metrics, "num_skipped": num_skipped}
+    texts = [caption for row in rows for caption in row["captions"]]
+    owners = [index for index, row in enumerate(rows) for _ in row["captions"]]
+    if texts:
+        text_embeds = encode_texts(model, tokenizer, texts, batch_size=batch_size)
+        results["retrieval"] = {
+            **retrieval_metrics(image_embeds, text_embeds, torch.tensor(owners)),
+            "num_skipped": num_skipped,
+        }
+    return results
 
 
 def _read_lines(path: str | None) -> list[str] | None:
@@ -1188,49 +1313,72 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point: run the requested evaluations, print a table and write JSON."""
     parser = argparse.ArgumentParser(description="Evaluate an MS-CLIP checkpoint (zero-shot, retrieval, linear probe)")
     parser.add_argument("--model", required=True, help="directory written by save_pretrained (model + processor)")
-    parser.add_argument("--zero-shot-data", help="labelled imagefolder / saved dataset with image + label columns")
+    parser.add_argument("--zero-shot-data", help="labelled data: class folders, saved dataset, imagefolder with labels")
     parser.add_argument("--class-names", help="text file, one class name per line in label order")
     parser.add_argument("--templates", help="text file, one template with a {} placeholder per line")
-    parser.add_argument("--retrieval-data", help="imagefolder with metadata.jsonl (file_name, text) / saved dataset")
-    parser.add_argument("--linear-probe-train", help="labelled imagefolder / saved dataset for fitting")
-    parser.add_argument("--linear-probe-test", help="labelled imagefolder / saved dataset for scoring")
+    parser.add_argument("--retrieval-data", help="captioned data: imagefolder with metadata.jsonl, CSV/JSONL, shards")
+    parser.add_argument("--linear-probe-train", help="labelled data for fitting (same formats as --zero-shot-data)")
+    parser.add_argument("--linear-probe-test", help="labelled data for scoring")
+    parser.add_argument("--shapes-data", help="the embedded shapes dataset (written by write_shapes_dataset)")
+    parser.add_argument("--shapes-split", default="test", help="split of --shapes-data to evaluate (default: test)")
+    parser.add_argument("--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)")
+    parser.add_argument("--split", help="split of --zero-shot-data / --retrieval-data when they hold several")
+    parser.add_argument("--label-column", default="label", help="label column of the labelled data")
     parser.add_argument("--max-samples", type=int, help="use at most this many records of each dataset")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", help="JSON file for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
-    if not (args.zero_shot_data or args.retrieval_data or args.linear_probe_train):
-        parser.error("give at least one of --zero-shot-data, --retrieval-data, --linear-probe-train/-test")
+    if not (args.zero_shot_data or args.retrieval_data or args.linear_probe_train or args.shapes_data):
+        parser.error(
+            "give at least one of --zero-shot-data, --retrieval-data, --linear-probe-train/-test, --shapes-data"
+        )
     if bool(args.linear_probe_train) != bool(args.linear_probe_test):
         parser.error("--linear-probe-train and --linear-probe-test go together")
     if args.output and Path(args.output).exists() and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
     model, processor = load_model_and_processor(args.model, args.device)
+    class_names = _read_lines(args.class_names)
+    labelled = {"purpose": "classification", "label_column": args.label_column, "class_names": class_names}
     results: dict[str, Any] = {}
     if args.zero_shot_data:
-        dataset = load_eval_dataset(args.zero_shot_data, args.max_samples)
+        dataset = load_eval_dataset(
+            args.zero_shot_data, args.max_samples, split=args.split, require_class_names=True, **labelled
+        )
         results["zeroshot"] = evaluate_zero_shot(
             model,
             processor,
             dataset,
-            _read_lines(args.class_names),
+            class_names,
             _read_lines(args.templates) or DEFAULT_TEMPLATES,
             batch_size=args.batch_size,
         )
     if args.retrieval_data:
-        dataset = load_eval_dataset(args.retrieval_data, args.max_samples)
+        dataset = load_eval_dataset(args.retrieval_data, args.max_samples, split=args.split, purpose="retrieval")
         results["retrieval"] = evaluate_retrieval(model, processor, dataset, batch_size=args.batch_size)
     if args.linear_probe_train:
         results["linear_probe"] = evaluate_linear_probe(
             model,
             processor,
-            load_eval_dataset(args.linear_probe_train, args.max_samples),
-            load_eval_dataset(args.linear_probe_test, args.max_samples),
+            load_eval_dataset(args.linear_probe_train, args.max_samples, **labelled),
+            load_eval_dataset(args.linear_probe_test, args.max_samples, **labelled),
             batch_size=args.batch_size,
             device=args.device,
         )
+    if args.shapes_data:
+        tasks = [task.strip() for task in args.shapes_tasks.split(",") if task.strip()] if args.shapes_tasks else None
+        shapes_results = evaluate_shapes_dataset(
+            model,
+            processor,
+            args.shapes_data,
+            split=args.shapes_split,
+            tasks=tasks,
+            batch_size=args.batch_size,
+            max_samples=args.max_samples,
+        )
+        results.update({f"shapes_{key}": value for key, value in shapes_results.items()})
     print(format_results_table(results))
     if args.output:
         print(f"results written to {save_results_json(results, args.output, overwrite=args.overwrite)}")

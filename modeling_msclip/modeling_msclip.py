@@ -1031,7 +1031,12 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
     def __init__(self, config: MSClipConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.vision_model = MSClipVisionTower(config.vision_config)
+        self.vision_model = MSClipVisionTower(config.vision_config, own_head_norm=not config.share_projection_head)
+        # A single-tower model normalises both modalities with one LayerNorm, stored where MSClipModel stores it.
+        self.head_layer_norm = None
+        if config.share_projection_head:
+            width, eps = config.vision_config.hidden_size, config.vision_config.layer_norm_eps
+            self.head_layer_norm = nn.LayerNorm(width, eps=eps)
         self.encoder = MSClipEncoder(config, modalities=("vision",))
         self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
         self.post_init()
@@ -1056,6 +1061,7 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
             interpolate_pos_encoding=interpolate_pos_encoding,
+            post_layernorm=self.head_layer_norm,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None

@@ -359,18 +359,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert max_diff(grads[0][name], grads[1][name]) <= 1e-6, name
 
 
-def test_image_classification_loads_vision_weights_from_an_msclip_checkpoint(tmp_path):
+@pytest.mark.parametrize("preset", ["msclip-s-tiny", "single-tower-tiny"])
+def test_image_classification_loads_vision_weights_from_an_msclip_checkpoint(tmp_path, preset):
     torch.manual_seed(0)
-    model = MSClipModel(MSClipConfig.from_preset("msclip-s-tiny")).eval()
+    model = MSClipModel(MSClipConfig.from_preset(preset)).eval()
     model.save_pretrained(tmp_path)
     classifier = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=5).eval()
     assert isinstance(classifier, MSClipForImageClassification)
     assert not any(k.startswith("text_model") or ".text." in k for k in classifier.state_dict())
     pixels = torch.randn(2, 3, 64, 64)
+    # The classifier's pooled feature (head LayerNorm of the class token) must be the dual encoder's.
+    pooled = {}
+    for name, owner in (("model", model), ("classifier", classifier)):
+        norm = owner.head_layer_norm if preset.startswith("single") else owner.vision_model.post_layernorm
+        norm.register_forward_hook(lambda module, args, output, name=name: pooled.__setitem__(name, output))
     with torch.no_grad():
-        expected = model.vision_model(model.encoder, pixels).pooler_output
-        got = classifier.vision_model(classifier.encoder, pixels).pooler_output
-    assert torch.equal(expected, got)
+        model.get_image_features(pixel_values=pixels)
+        classifier(pixel_values=pixels)
+    expected_pooled, got_pooled = pooled["model"], pooled["classifier"]
+    assert torch.equal(expected_pooled, got_pooled)
     out = classifier(pixel_values=pixels, labels=torch.tensor([1, 4]))
     assert out.logits.shape == (2, 5)
     out.loss.backward()

@@ -1,0 +1,694 @@
+"""Image-classification fine-tuning of MS-CLIP with the plain transformers `Trainer`.
+
+`training/run_finetune_classification.py` only parses the command line and calls `run_finetuning`; everything
+testable lives here. The model is `MSClipForImageClassification`: the vision tower of an MS-CLIP checkpoint (with its
+share of the block stack) and a linear head on the class token. Optionally the head starts as the zero-shot
+classifier built from the text embeddings of the class names (``--init_head_from_text``).
+
+Accuracy is computed here with numpy. The `evaluate` library's ``evaluate.load("accuracy")`` downloads its metric
+script from the Hugging Face Hub (the installed package ships none), so it fails on machines without Hub access;
+the definition is the same (fraction of argmax predictions equal to the label).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    EvalPrediction,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from .configuration_msclip import MSClipConfig
+from .data_msclip import (
+    IMAGE_EXTENSIONS,
+    IMAGE_FEATURE,
+    METADATA_FILENAMES,
+    DataStats,
+    EvalImageTransform,
+    ImageClassificationCollator,
+    TrainImageTransform,
+    class_name_from_folder,
+    decode_image,
+    load_class_folder_dataset,
+)
+from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
+from .image_processing_msclip import MSClipImageProcessor
+from .modeling_msclip import MSClipForImageClassification, MSClipModel
+from .trainer_msclip import configure_cpu_distributed_state
+
+logger = logging.getLogger(__name__)
+
+DATA_FORMATS = ("auto", "classfolder", "disk", "imagefolder", "hub")
+STAGE_KEY = "__stage__"
+# Images encoded to calibrate the scale of a text-initialised head.
+HEAD_CALIBRATION_IMAGES = 64
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and how its classification head starts."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Saved MS-CLIP checkpoint: an MSClipModel, MSClipForPreTraining or MSClipForImageClassification "
+            "folder. Its vision tower is loaded; text-only weights are unused."
+        },
+    )
+    model_preset: str | None = field(
+        default=None, metadata={"help": "Train from scratch with this architecture preset (e.g. msclip-s-tiny)."}
+    )
+    processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved processor (default: the model folder, else --vocab, else a preset)."}
+    )
+    vocab: str | None = field(
+        default=None,
+        metadata={
+            "help": "CLIP BPE file to build a processor from (its tokenizer is only needed by --init_head_from_text)."
+        },
+    )
+    image_preset: str = field(
+        default="msclip", metadata={"help": "Image statistics of a built processor: 'msclip' (ImageNet) or 'clip'."}
+    )
+    init_head_from_text: bool = field(
+        default=False,
+        metadata={
+            "help": "Start the classifier as the zero-shot classifier: class-name prompts embedded by the "
+            "checkpoint's text tower (needs --model_name_or_path of an MS-CLIP dual encoder and a tokenizer)."
+        },
+    )
+    prompt_templates: str | None = field(
+        default=None,
+        metadata={"help": "Text file of prompt templates, one per line with a {} placeholder (default: generic)."},
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+
+
+@dataclass
+class DataArguments:
+    """Where the labelled images come from and how they are prepared."""
+
+    train_data: str = field(
+        metadata={
+            "help": "Training images: class folders (root/<class>/*.png, or root/<split>/<class>/*), a "
+            "save_to_disk folder, an imagefolder with a label column in metadata.jsonl, or a Hub dataset."
+        }
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation images (same formats)."})
+    train_split: str | None = field(default=None, metadata={"help": "Split of --train_data (e.g. train)."})
+    eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data (e.g. test)."})
+    data_format: str = field(
+        default="auto", metadata={"help": f"One of {DATA_FORMATS}; auto tells class folders and saved datasets apart."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of a datasets source."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a datasets source."})
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "Text file of class names in label order, for integer labels without ClassLabel names."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
+    no_augmentation: bool = field(default=False, metadata={"help": "Train on the evaluation transform."})
+    crop_scale_min: float = field(
+        default=0.08, metadata={"help": "Lower bound of the random-resized-crop area (as in ImageNet fine-tuning)."}
+    )
+    no_horizontal_flip: bool = field(default=False, metadata={"help": "Do not flip training images left-right."})
+    skip_record_check: bool = field(
+        default=False,
+        metadata={"help": "Do not pre-scan for unreadable images (the collator still skips and counts them)."},
+    )
+
+
+@dataclass
+class OutputArguments:
+    """What may happen to an existing output folder."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into a non-empty --output_dir (its files of the same names are replaced)."},
+    )
+
+
+def parse_finetuning_arguments(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments, OutputArguments]:
+    """Parse the command line (or a single ``.json`` file of arguments)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, OutputArguments))
+    args = list(argv) if argv is not None else sys.argv[1:]
+    from_json = len(args) == 1 and args[0].endswith(".json")
+    settings = json.loads(Path(args[0]).read_text()) if from_json else {}
+    uses_deepspeed = bool(settings.get("deepspeed")) or any(a.split("=")[0] == "--deepspeed" for a in args)
+    overrides = configure_cpu_distributed_state(uses_deepspeed)
+    if from_json:
+        return parser.parse_dict({**settings, **overrides})
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return parser.parse_args_into_dataclasses(args)
+
+
+def check_output_dir(training_args: TrainingArguments, output_args: OutputArguments) -> None:
+    """Refuse a non-empty output folder unless overwriting or resuming, so no saved run is replaced silently."""
+    path = Path(training_args.output_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--output_dir {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not (output_args.overwrite_output_dir or training_args.resume_from_checkpoint):
+            raise FileExistsError(
+                f"--output_dir {path} is not empty; pass --overwrite_output_dir to write into it, or "
+                "--resume_from_checkpoint to continue a run"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Labelled data
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(entry.is_file() and entry.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for entry in folder.iterdir())
+
+
+def _holds_metadata(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in METADATA_FILENAMES)
+
+
+def labelled_folder_format(folder: str | os.PathLike, _depth: int = 0) -> str:
+    """Tell class folders from a captioned image folder: ``"classfolder"`` or ``"imagefolder"``.
+
+    Class folders hold ``<class>/*.png`` (directly or inside split folders); a split or class folder may have a
+    ``metadata.jsonl`` next to its class sub-folders (as `processing/fashion_mnist.py` writes). An image folder
+    holds its images and ``metadata.jsonl`` side by side (as the shapes dataset does), directly or per split.
+    """
+    folder = Path(folder)
+    subfolders = sorted(child for child in folder.iterdir() if child.is_dir())
+    if any(_holds_images(child) and not _holds_metadata(child) for child in subfolders):
+        return "classfolder"
+    if _holds_metadata(folder) or _holds_images(folder) or _depth >= 1:
+        return "imagefolder"
+    kinds = {labelled_folder_format(child, _depth + 1) for child in subfolders}
+    return "classfolder" if "classfolder" in kinds else "imagefolder"
+
+
+def _detect_data_format(source: str, split: str | None) -> str:
+    path = Path(source)
+    if not path.exists():
+        if path.is_absolute() or source.startswith(".") or source.count("/") > 1:
+            raise FileNotFoundError(f"No such dataset folder: {source}")
+        return "hub"
+    if not path.is_dir():
+        raise ValueError(f"{source} is a file; classification data is a folder (class folders, saved dataset)")
+    if _is_saved_dataset(path):
+        return "disk"
+    return labelled_folder_format(path / split if split is not None and (path / split).is_dir() else path)
+
+
+def _pick(loaded: Any, split: str | None, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            if len(loaded) != 1:
+                raise ValueError(f"{source} has the splits {sorted(loaded)}: pass a split to choose one")
+            return next(iter(loaded.values()))
+        if split not in loaded:
+            raise ValueError(f"{source} has no split {split!r}; its splits are {sorted(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_classification_dataset(
+    source: str | os.PathLike | datasets.Dataset,
+    *,
+    split: str | None = None,
+    data_format: str = "auto",
+    image_column: str = "image",
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    require_class_names: bool = False,
+) -> tuple[datasets.Dataset, list[str]]:
+    """Load labelled images with canonical ``image`` (undecoded) and ``label`` (`datasets.ClassLabel`) columns.
+
+    Sources: class folders (``root/<class>/*``, see `load_class_folder_dataset`), a ``save_to_disk`` folder, an
+    imagefolder whose ``metadata.jsonl`` holds the label column, a Hub dataset name, or a `datasets.Dataset`.
+    Labels may be a `ClassLabel`, strings (encoded in sorted order) or integers (named by ``class_names``, else
+    by their number, unless ``require_class_names``, which makes that an error: zero-shot prompts need real names).
+    Records with a missing or negative label are dropped.
+
+    Returns:
+        The dataset and the readable class names in label order (folder underscores become spaces).
+    """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"Unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
+    if isinstance(source, datasets.Dataset):
+        dataset = source
+    else:
+        source = os.fspath(source)
+        if data_format == "auto":
+            data_format = _detect_data_format(source, split)
+        if data_format == "classfolder":
+            dataset, _ = load_class_folder_dataset(source, split=split)
+        elif data_format == "disk":
+            dataset = _pick(datasets.load_from_disk(source), split, source)
+        elif data_format == "imagefolder":
+            if split is not None and (Path(source) / split).is_dir():  # read only that split's folder
+                source, split = str(Path(source) / split), None
+            dataset = _pick(datasets.load_dataset("imagefolder", data_dir=source, split=split), split, source)
+        else:
+            dataset = _pick(datasets.load_dataset(source, split=split), split, source)
+    for wanted, canonical in ((image_column, "image"), (label_column, "label")):
+        if wanted not in dataset.column_names:
+            raise ValueError(f"The {canonical} column {wanted!r} is not among the columns {dataset.column_names}")
+    if image_column != "image":
+        dataset = dataset.rename_column(image_column, "image")
+    if label_column != "label":
+        if "label" in dataset.column_names:
+            dataset = dataset.remove_columns("label")
+        dataset = dataset.rename_column(label_column, "label")
+    image_feature = dataset.features["image"]
+    if isinstance(image_feature, datasets.Image) or (
+        isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string")
+    ):
+        dataset = dataset.cast_column("image", IMAGE_FEATURE)  # decode in the collator, where bad images are skipped
+    dataset = _as_class_label(dataset, class_names, require_class_names)
+    return dataset, [class_name_from_folder(name) for name in dataset.features["label"].names]
+
+
+def _is_labelled(value: Any) -> bool:
+    return value is not None and value != "" and not (isinstance(value, int) and value < 0)
+
+
+def _as_class_label(
+    dataset: datasets.Dataset, class_names: Sequence[str] | None, require_class_names: bool = False
+) -> datasets.Dataset:
+    """Give the ``label`` column a ClassLabel feature and drop unlabelled records (None, empty or negative)."""
+    feature = dataset.features["label"]
+    before = len(dataset)
+    dataset = dataset.filter(
+        lambda labels: [_is_labelled(value) for value in labels], input_columns="label", batched=True
+    )
+    if len(dataset) < before:
+        logger.warning("Dropped %d record(s) without a label", before - len(dataset))
+    if isinstance(feature, datasets.ClassLabel):
+        if class_names is None:
+            return dataset
+        if len(class_names) != feature.num_classes:
+            raise ValueError(f"{len(class_names)} class names given for {feature.num_classes} classes")
+        return dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return dataset.class_encode_column("label")
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        raise ValueError(f"The label column must hold class ids or class names, not {feature}")
+    num_classes = max(dataset["label"], default=-1) + 1
+    if class_names is None and require_class_names:
+        raise ValueError("The labels are plain integers without class names: pass the class names (--class-names)")
+    if class_names is None:
+        class_names = [str(index) for index in range(num_classes)]
+    elif len(class_names) < num_classes:
+        raise ValueError(f"Label {num_classes - 1} occurs but only {len(class_names)} class names were given")
+    return dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+
+
+def align_labels(dataset: datasets.Dataset, reference: datasets.Dataset) -> datasets.Dataset:
+    """Renumber ``dataset``'s labels to ``reference``'s class order (by class name); unknown classes raise."""
+    names, reference_names = dataset.features["label"].names, reference.features["label"].names
+    if names == reference_names:
+        return dataset
+    unknown = sorted(set(names) - set(reference_names))
+    if unknown:
+        raise ValueError(f"The evaluation data has classes the training data lacks: {unknown}")
+    new_ids = np.array([reference_names.index(name) for name in names])
+    features = dataset.features.copy()
+    features["label"] = datasets.ClassLabel(names=list(reference_names))
+    return dataset.map(
+        lambda labels: {"label": new_ids[np.asarray(labels, dtype=np.int64)].tolist()},
+        input_columns="label",
+        batched=True,
+        features=features,
+    )
+
+
+def _images_readable(images: list[Any]) -> list[bool]:
+    readable = []
+    for value in images:
+        try:
+            decode_image(value)
+            readable.append(True)
+        except Exception:  # an unreadable image drops its record, it never stops the run
+            readable.append(False)
+    return readable
+
+
+def drop_unreadable_images(dataset: datasets.Dataset, stats: DataStats) -> datasets.Dataset:
+    """Remove records whose image cannot be decoded, counting them in ``stats`` as seen and skipped."""
+    kept = dataset.filter(_images_readable, input_columns="image", batched=True)
+    skipped = len(dataset) - len(kept)
+    if skipped:
+        logger.warning("Skipped %d record(s) with an unreadable image", skipped)
+    stats.add(seen=skipped, skipped_corrupt_image=skipped)
+    return kept
+
+
+class StageTaggedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose records say whether they are for training or evaluation (``"__stage__"``).
+
+    The plain `Trainer` has one collator for both; `StageCollator` reads the tag to pick the train or eval transform.
+    """
+
+    def __init__(self, dataset: Any, stage: str) -> None:
+        self.dataset = dataset
+        self.stage = stage
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], STAGE_KEY: self.stage}
+
+
+class StageCollator:
+    """Dispatch a batch to the collator of its stage (``"train"`` or ``"eval"``, see `StageTaggedDataset`)."""
+
+    def __init__(self, collators: Mapping[str, Callable[[list[dict[str, Any]]], dict[str, Any]]]) -> None:
+        self.collators = dict(collators)
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        stage = records[0].get(STAGE_KEY, "train") if records else "train"
+        return self.collators[stage](records)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, processor and head initialisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _label_maps(class_names: Sequence[str]) -> dict[str, Any]:
+    return {
+        "id2label": dict(enumerate(class_names)),
+        "label2id": {name: index for index, name in enumerate(class_names)},
+    }
+
+
+def build_classification_model(model_args: ModelArguments, class_names: Sequence[str]) -> MSClipForImageClassification:
+    """Load the vision tower of a checkpoint (or build a preset from scratch) with a head for ``class_names``."""
+    if bool(model_args.model_name_or_path) == bool(model_args.model_preset):
+        raise ValueError("give exactly one of --model_name_or_path and --model_preset")
+    labels = _label_maps(class_names)
+    kwargs = {"attn_implementation": model_args.attn_implementation}
+    if model_args.model_preset:
+        config = MSClipConfig.from_preset(model_args.model_preset, **labels)
+        return MSClipForImageClassification._from_config(config, **kwargs)
+    source = model_args.model_name_or_path
+    config = MSClipConfig.from_pretrained(source)
+    if "MSClipForImageClassification" in (config.architectures or []) and config.num_labels != len(class_names):
+        # A classifier of another label set: keep its vision tower, start a new head.
+        kwargs["ignore_mismatched_sizes"] = True
+    model, info = MSClipForImageClassification.from_pretrained(source, **labels, **kwargs, output_loading_info=True)
+    not_loaded = sorted(key for key in info["missing_keys"] if not key.startswith("classifier."))
+    if not_loaded:
+        logger.warning("These vision weights are not in %s and start from scratch: %s", source, not_loaded)
+    return model
+
+
+def build_processor(model_args: ModelArguments, image_size: int) -> Any:
+    """The checkpoint's (or ``--processor_name_or_path``'s) processor, else one built from ``--vocab``, else an
+    image processor of ``--image_preset`` at the model's image size."""
+    for source in (model_args.processor_name_or_path, model_args.model_name_or_path):
+        if not source or not Path(source).is_dir():
+            continue
+        if (Path(source) / "tokenizer_config.json").is_file():
+            return AutoProcessor.from_pretrained(source)
+        if any((Path(source) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+            return AutoImageProcessor.from_pretrained(source)
+    if model_args.vocab:
+        from .processing_msclip import build_msclip_processor
+
+        return build_msclip_processor(model_args.vocab, preset=model_args.image_preset, image_size=image_size)
+    return MSClipImageProcessor.from_preset(model_args.image_preset, image_size=image_size)
+
+
+def _image_processor_of(processor: Any) -> Any:
+    return getattr(processor, "image_processor", processor)
+
+
+@torch.no_grad()
+def initialize_head_from_text(
+    classifier: MSClipForImageClassification,
+    clip_model: MSClipModel,
+    tokenizer: Any,
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    calibration_pixel_values: torch.Tensor | None = None,
+) -> float:
+    """Set the head to the zero-shot classifier of ``clip_model`` (the CLIP prompt-ensembling trick).
+
+    With ``T`` the unit-norm prompt-ensembled class embeddings ``[C, P]`` and ``V`` the visual projection ``[P, H]``
+    (``e = V h`` is the image embedding of the pooled class token ``h``), the head becomes ``W = s T V``, ``b = 0``,
+    so ``logits = s ||e|| cos(e, t_c)``: the zero-shot prediction for every image. ``s`` is the model's learned
+    temperature ``exp(logit_scale)`` divided by the mean ``||e||`` of the calibration images, so typical logits
+    have the size the contrastive training used.
+
+    Returns:
+        The scale ``s``.
+    """
+    if clip_model.config.share_projection_head:
+        projection = clip_model.projection.weight
+    else:
+        projection = clip_model.visual_projection.weight
+    text_classifier = build_zero_shot_classifier(clip_model, tokenizer, list(class_names), list(templates))
+    scale = float(clip_model.logit_scale.exp().clamp(max=clip_model.config.logit_scale_max))
+    if calibration_pixel_values is not None and len(calibration_pixel_values):
+        image_embeds = encode_images(clip_model, None, calibration_pixel_values)
+        scale /= float(image_embeds.norm(dim=-1).mean().clamp(min=1e-6))
+    weight = scale * text_classifier.to(projection.dtype) @ projection.detach().cpu().to(text_classifier.dtype)
+    classifier.classifier.weight.copy_(weight.to(classifier.classifier.weight))
+    classifier.classifier.bias.zero_()
+    return scale
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics and callbacks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and mean per-class recall of argmax predictions (classes absent from ``labels`` are left out).
+
+    ``accuracy`` is what `evaluate`'s "accuracy" metric computes: the fraction of predictions equal to the label.
+    """
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"expected logits [N, C] and labels [N], got {logits.shape} and {labels.shape}")
+    if labels.size == 0:
+        return {"accuracy": float("nan"), "mean_per_class_recall": float("nan")}
+    correct = logits.argmax(axis=-1) == labels
+    recalls = [correct[labels == label].mean() for label in np.unique(labels)]
+    return {"accuracy": float(correct.mean()), "mean_per_class_recall": float(np.mean(recalls))}
+
+
+def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
+    """`Trainer` ``compute_metrics``: `classification_metrics` of the evaluation predictions."""
+    return classification_metrics(eval_prediction.predictions, eval_prediction.label_ids)
+
+
+class SkippedRecordsCallback(TrainerCallback):
+    """Adds the counts of skipped records to the training log (visible in ``trainer_state.json``)."""
+
+    def __init__(self, stats: Mapping[str, DataStats]) -> None:
+        self.stats = dict(stats)
+
+    def counts(self) -> dict[str, int]:
+        """``{"<stage>_skipped_corrupt_image": n, ...}`` for every stage."""
+        return {
+            f"{stage}_{key}": value
+            for stage, stats in self.stats.items()
+            for key, value in stats.as_dict().items()
+            if key == "skipped_corrupt_image"
+        }
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            state.log_history.append({f"data_{key}": value for key, value in self.counts().items()})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _first(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+
+
+def _calibration_pixels(dataset: datasets.Dataset, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    pixels = []
+    for record in dataset.select(range(min(HEAD_CALIBRATION_IMAGES, len(dataset)))):
+        try:
+            pixels.append(transform(decode_image(record["image"])))
+        except Exception:  # unreadable images are only left out of the calibration
+            continue
+    return torch.stack(pixels) if pixels else torch.zeros(0)
+
+
+def run_finetuning(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    output_args: OutputArguments | None = None,
+    callbacks: Sequence[TrainerCallback] | None = None,
+) -> Trainer:
+    """Fine-tune `MSClipForImageClassification` with the plain `Trainer` and save model, processor and metrics.
+
+    Writes to ``output_dir``: the model and its processor, ``train_results.json``, ``eval_results.json`` (accuracy
+    and mean per-class recall of the final model, when there is evaluation data), ``all_results.json`` and
+    ``trainer_state.json``. The metrics also hold the numbers of skipped (unreadable) images per stage.
+
+    Returns:
+        The trainer (its ``model`` is the fine-tuned model).
+    """
+    output_args = output_args or OutputArguments()
+    check_output_dir(training_args, output_args)
+    training_args.remove_unused_columns = False  # the collator needs the raw image column
+    set_seed(training_args.seed)
+
+    stats = {"train": DataStats()}
+    class_names_file = _read_lines(data_args.class_names) if data_args.class_names else None
+    load_options = {
+        "data_format": data_args.data_format,
+        "image_column": data_args.image_column,
+        "label_column": data_args.label_column,
+        "class_names": class_names_file,
+    }
+    train_dataset, class_names = load_classification_dataset(
+        data_args.train_data, split=data_args.train_split, **load_options
+    )
+    train_dataset = _first(train_dataset, data_args.max_train_samples)
+    eval_dataset = None
+    if data_args.eval_data:
+        stats["eval"] = DataStats()
+        eval_dataset, _ = load_classification_dataset(data_args.eval_data, split=data_args.eval_split, **load_options)
+        eval_dataset = _first(align_labels(eval_dataset, train_dataset), data_args.max_eval_samples)
+    if not data_args.skip_record_check:
+        train_dataset = drop_unreadable_images(train_dataset, stats["train"])
+        if eval_dataset is not None:
+            eval_dataset = drop_unreadable_images(eval_dataset, stats["eval"])
+    if len(train_dataset) == 0:
+        raise ValueError(f"No usable training images in {data_args.train_data}")
+
+    model = build_classification_model(model_args, class_names)
+    processor = build_processor(model_args, model.config.vision_config.image_size)
+    image_processor = _image_processor_of(processor)
+    eval_transform = EvalImageTransform(image_processor)
+    if data_args.no_augmentation:
+        train_transform = eval_transform
+    else:
+        train_transform = TrainImageTransform.from_image_processor(
+            image_processor,
+            scale=(data_args.crop_scale_min, 1.0),
+            horizontal_flip=not data_args.no_horizontal_flip,
+        )
+
+    if model_args.init_head_from_text:
+        templates = _read_lines(model_args.prompt_templates) if model_args.prompt_templates else DEFAULT_TEMPLATES
+        if not templates:
+            raise ValueError(f"--prompt_templates {model_args.prompt_templates} holds no templates")
+        tokenizer = getattr(processor, "tokenizer", None)
+        if not model_args.model_name_or_path or tokenizer is None:
+            raise ValueError(
+                "--init_head_from_text needs --model_name_or_path and a tokenizer (in the model folder, "
+                "--processor_name_or_path or --vocab)"
+            )
+        if "MSClipForImageClassification" in (model.config.architectures or []):
+            raise ValueError(
+                "--init_head_from_text needs a dual-encoder checkpoint (MSClipModel or "
+                "MSClipForPreTraining); this one is an image classifier without a text tower"
+            )
+        clip_model = MSClipModel.from_pretrained(model_args.model_name_or_path)
+        scale = initialize_head_from_text(
+            model, clip_model, tokenizer, class_names, templates, _calibration_pixels(train_dataset, eval_transform)
+        )
+        logger.info(
+            "Classifier initialised from the text embeddings of %d classes (scale %.4g)", len(class_names), scale
+        )
+        del clip_model
+
+    collator = StageCollator(
+        {
+            stage: ImageClassificationCollator(transform, stats=stats[stage])
+            for stage, transform in (("train", train_transform), ("eval", eval_transform))
+            if stage in stats
+        }
+    )
+    skipped = SkippedRecordsCallback(stats)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=StageTaggedDataset(train_dataset, "train"),
+        eval_dataset=StageTaggedDataset(eval_dataset, "eval") if eval_dataset is not None else None,
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=compute_metrics,
+        callbacks=[skipped, *(callbacks or [])],
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
+    train_metrics.update({key: value for key, value in skipped.counts().items() if key.startswith("train_")})
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    if eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        eval_metrics["eval_skipped_corrupt_image"] = stats["eval"].skipped_corrupt_image
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    return trainer
+
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "OutputArguments",
+    "StageCollator",
+    "StageTaggedDataset",
+    "align_labels",
+    "build_classification_model",
+    "build_processor",
+    "classification_metrics",
+    "compute_metrics",
+    "drop_unreadable_images",
+    "initialize_head_from_text",
+    "load_classification_dataset",
+    "parse_finetuning_arguments",
+    "run_finetuning",
+]

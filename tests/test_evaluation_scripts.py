@@ -1,0 +1,157 @@
+"""training/run_evaluation.py and the data formats the evaluation CLI reads (evaluation_msclip.load_eval_dataset).
+
+A random msclip-s-tiny model is evaluated on a tiny shapes dataset. The numbers of the one-pass shapes evaluation
+are checked against the generic `evaluate_zero_shot` / `evaluate_retrieval` on the same data, and the same images
+read from different formats (image folder vs webdataset shards, class folders vs a save_to_disk dataset) must give
+the same metrics.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipModel, MSClipProcessor
+from modeling_msclip import evaluation_msclip as ev
+from modeling_msclip.shapes_dataset import COLOR_NAMES, ZERO_SHOT_TASKS, ShapesConfig, write_shapes_dataset
+from modeling_msclip.tokenization_msclip import MSClipTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_TEST = 24
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, msclip_tokenizer_dir) -> Path:
+    folder = tmp_path_factory.mktemp("msclip_model")
+    torch.manual_seed(0)
+    MSClipModel(MSClipConfig.from_preset("msclip-s-tiny")).save_pretrained(folder)
+    MSClipProcessor(
+        image_processor=MSClipImageProcessor.from_preset("msclip", image_size=64),
+        tokenizer=MSClipTokenizer.from_pretrained(msclip_tokenizer_dir),
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """The same tiny shapes test split as an image folder and as webdataset shards."""
+    root = tmp_path_factory.mktemp("shapes")
+    config = ShapesConfig(image_size=32)
+    sizes = {"num_train": 0, "num_validation": 0, "num_test": NUM_TEST, "config": config}
+    folder = write_shapes_dataset(root / "imagefolder", **sizes)
+    shards = write_shapes_dataset(root / "webdataset", data_format="webdataset", samples_per_shard=10, **sizes)
+    return folder, shards
+
+
+def test_run_evaluation_script_on_shapes_writes_zero_shot_and_retrieval(saved_model, shapes_dirs, tmp_path):
+    folder, _ = shapes_dirs
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "training" / "run_evaluation.py"),
+        "--model",
+        str(saved_model),
+        "--shapes-data",
+        str(folder),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--output",
+        str(output),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "shapes_zeroshot_color" in completed.stdout and "shapes_retrieval" in completed.stdout  # the table
+    results = json.loads(output.read_text())
+    expected = {f"shapes_zeroshot_{name}" for name in ZERO_SHOT_TASKS} | {"shapes_retrieval"}
+    assert expected <= set(results)
+    for name in ZERO_SHOT_TASKS:
+        metrics = results[f"shapes_zeroshot_{name}"]
+        assert metrics["num_samples"] == NUM_TEST and metrics["num_classes"] == len(ZERO_SHOT_TASKS[name].class_names)
+        assert 0.0 <= metrics["top1"] <= 1.0 and metrics["num_skipped"] == 0
+    # Held-out and seen colour x shape pairs partition the test split.
+    split_sizes = [
+        results.get(f"shapes_zeroshot_color_shape_{part}", {}).get("num_samples", 0)
+        for part in ("seen_pairs", "held_out_pairs")
+    ]
+    assert sum(split_sizes) == NUM_TEST
+    assert results["shapes_retrieval"]["num_images"] == NUM_TEST
+    assert results["shapes_retrieval"]["num_texts"] == NUM_TEST  # one caption per image
+    # An existing result file is kept unless --overwrite (checked before any model is loaded).
+    with pytest.raises(SystemExit):
+        ev.main(command[2:])
+    assert json.loads(output.read_text()) == results
+
+
+def test_shapes_evaluation_equals_the_generic_evaluations(saved_model, shapes_dirs):
+    folder, shards = shapes_dirs
+    model, processor = ev.load_model_and_processor(saved_model, "cpu")
+    shapes = ev.evaluate_shapes_dataset(model, processor, folder, tasks=["color"], batch_size=8)
+    assert set(shapes) == {"zeroshot_color", "retrieval"}
+
+    task = ZERO_SHOT_TASKS["color"]
+    labelled = ev.load_eval_dataset(
+        folder, split="test", purpose="classification", label_column="color_label", class_names=list(COLOR_NAMES)
+    )
+    direct = ev.evaluate_zero_shot(model, processor, labelled, list(task.class_names), task.templates, batch_size=5)
+    for key in ("top1", "top5", "mean_per_class_recall", "cross_entropy", "num_samples"):
+        assert shapes["zeroshot_color"][key] == pytest.approx(direct[key], rel=1e-5, abs=1e-6)
+
+    # Integer labels without names cannot make zero-shot prompts.
+    with pytest.raises(ValueError, match="class names"):
+        ev.load_eval_dataset(
+            folder, split="test", purpose="classification", label_column="color_label", require_class_names=True
+        )
+
+    captioned = ev.load_eval_dataset(folder, split="test", purpose="retrieval")
+    retrieval = ev.evaluate_retrieval(model, processor, captioned, batch_size=5)
+    # The same samples read from webdataset shards give the same retrieval numbers.
+    from_shards = ev.evaluate_retrieval(
+        model, processor, ev.load_eval_dataset(shards, split="test", purpose="retrieval"), batch_size=7
+    )
+    for key, value in retrieval.items():
+        assert shapes["retrieval"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+        assert from_shards[key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def test_class_folders_with_splits_and_saved_datasets_give_the_same_zero_shot(saved_model, tmp_path):
+    # Fashion-MNIST layout (processing/fashion_mnist.py): root/<split>/<class>/*.png next to metadata.jsonl.
+    colors = {"red": (230, 20, 20), "ankle_boot": (20, 20, 20), "sky_blue": (120, 180, 240)}
+    rows = []
+    for split in ("train", "test"):
+        for name, rgb in colors.items():
+            (tmp_path / "fm" / split / name).mkdir(parents=True)
+            for index in range(2):
+                Image.new("RGB", (40, 40), tuple(v + 5 * index for v in rgb)).save(
+                    tmp_path / "fm" / split / name / f"{index}.png"
+                )
+                rows.append({"file_name": f"{name}/{index}.png", "text": f"a {name.replace('_', ' ')}"})
+        metadata = "".join(json.dumps(row) + "\n" for row in rows)
+        (tmp_path / "fm" / split / "metadata.jsonl").write_text(metadata)
+        rows = []
+
+    model, processor = ev.load_model_and_processor(saved_model, "cpu")
+    labelled = ev.load_eval_dataset(tmp_path / "fm", split="test", purpose="classification")
+    assert ev.class_names_from_dataset(labelled) == ["ankle boot", "red", "sky blue"]
+    from_folders = ev.evaluate_zero_shot(model, processor, labelled, batch_size=4)
+    assert from_folders["num_samples"] == 6 and from_folders["num_classes"] == 3
+
+    labelled.save_to_disk(tmp_path / "saved")
+    from_disk = ev.evaluate_zero_shot(
+        model, processor, ev.load_eval_dataset(tmp_path / "saved", purpose="classification"), batch_size=4
+    )
+    assert from_disk["top1"] == pytest.approx(from_folders["top1"])
+    assert from_disk["cross_entropy"] == pytest.approx(from_folders["cross_entropy"], rel=1e-5)
+
+    # The same folder read for retrieval uses the captions of metadata.jsonl.
+    captioned = ev.load_eval_dataset(tmp_path / "fm", split="test", purpose="retrieval")
+    assert sorted(captioned["text"]) == sorted(["a red", "a ankle boot", "a sky blue"] * 2)
+
+    # Several splits and none chosen: a clear error naming them.
+    with pytest.raises(ValueError, match="split"):
+        ev.load_eval_dataset(tmp_path / "fm", purpose="retrieval")

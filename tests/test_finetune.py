@@ -1,0 +1,244 @@
+"""Fine-tuning `MSClipForImageClassification` with the plain `Trainer` (modeling_msclip/finetuning_msclip.py).
+
+End to end on tiny class folders of solid colours: a random msclip-s-tiny checkpoint is saved, fine-tuned for a few
+dozen steps and reloaded. Plus the pieces with hand-computed numbers: accuracy, label alignment, folder detection,
+loading from a pre-training checkpoint and the text-initialised head.
+"""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageClassification, TrainerCallback, TrainingArguments
+
+from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipImageProcessor, MSClipModel, MSClipProcessor
+from modeling_msclip.finetuning_msclip import (
+    DataArguments,
+    ModelArguments,
+    OutputArguments,
+    align_labels,
+    build_classification_model,
+    classification_metrics,
+    initialize_head_from_text,
+    labelled_folder_format,
+    load_classification_dataset,
+    parse_finetuning_arguments,
+    run_finetuning,
+)
+from modeling_msclip.tokenization_msclip import MSClipTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Three classes that differ only in colour: trivially separable, so a few dozen steps must learn them.
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "dark_blue": (20, 40, 160)}
+
+
+def write_color_folders(root: Path, per_class: int, seed: int, size: int = 48) -> None:
+    """``root/<colour>/<i>.png``: solid colours with a little per-image brightness jitter and pixel noise."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLORS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            base = np.clip(np.array(rgb) + rng.integers(-20, 21), 0, 255)
+            pixels = np.clip(base + rng.integers(-8, 9, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory, msclip_tokenizer_dir) -> Path:
+    """A random msclip-s-tiny MSClipModel with its processor (64 px images), as a pre-training run leaves it."""
+    folder = tmp_path_factory.mktemp("msclip_checkpoint")
+    torch.manual_seed(0)
+    MSClipModel(MSClipConfig.from_preset("msclip-s-tiny")).save_pretrained(folder)
+    processor = MSClipProcessor(
+        image_processor=MSClipImageProcessor.from_preset("msclip", image_size=64),
+        tokenizer=MSClipTokenizer.from_pretrained(msclip_tokenizer_dir),
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def color_data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("colors")
+    write_color_folders(root / "train", per_class=8, seed=1)
+    write_color_folders(root / "eval", per_class=4, seed=2)
+    (root / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root / "train", root / "eval"
+
+
+class CaptureStartWeights(TrainerCallback):
+    """Copies the model's weights when training begins (before the first optimizer step)."""
+
+    def __init__(self) -> None:
+        self.state_dict: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.state_dict = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def test_finetune_learns_colours_and_round_trips(saved_checkpoint, color_data, tmp_path):
+    train_dir, eval_dir = color_data
+    output_dir = tmp_path / "run"
+    model_args = ModelArguments(model_name_or_path=str(saved_checkpoint))
+    data_args = DataArguments(train_data=str(train_dir), eval_data=str(eval_dir), crop_scale_min=0.5)
+    training_args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=20,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=12,
+        learning_rate=1e-3,
+        warmup_steps=3,
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+    )
+    start = CaptureStartWeights()
+    trainer = run_finetuning(model_args, data_args, training_args, OutputArguments(), callbacks=[start])
+
+    # Step 0: every weight but the new head is the checkpoint's (vision tower and its share of the shared blocks).
+    checkpoint = MSClipModel.from_pretrained(saved_checkpoint).state_dict()
+    assert start.state_dict is not None
+    body = {key: value for key, value in start.state_dict.items() if not key.startswith("classifier.")}
+    assert len(body) > 100 and set(body) <= set(checkpoint)
+    assert all(torch.equal(value, checkpoint[key]) for key, value in body.items())
+
+    # The corrupt image was skipped and counted; accuracy was reported and is far above chance (1/3).
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert train_results["train_skipped_corrupt_image"] == 1 and train_results["train_samples"] == 24
+    assert eval_results["eval_samples"] == 12 and eval_results["eval_skipped_corrupt_image"] == 0
+    assert eval_results["eval_accuracy"] >= 0.9, eval_results
+
+    # The accuracy is the fraction of correct argmax predictions of the saved model, recomputed here by hand.
+    reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    image_processor = MSClipImageProcessor.from_pretrained(output_dir)
+    label2id = reloaded.config.label2id
+    paths = sorted(eval_dir.glob("*/*.png"))
+    images = [Image.open(path).convert("RGB") for path in paths]
+    labels = torch.tensor([label2id[path.parent.name.replace("_", " ")] for path in paths])
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = reloaded(pixel_values=pixel_values).logits
+        trained_logits = trainer.model.eval()(pixel_values=pixel_values).logits
+    torch.testing.assert_close(logits, trained_logits, rtol=1e-5, atol=1e-5)
+    assert (logits.argmax(-1) == labels).double().mean().item() == pytest.approx(eval_results["eval_accuracy"])
+    assert reloaded.config.id2label == {0: "dark blue", 1: "green", 2: "red"}
+
+
+def test_output_dir_is_not_overwritten_silently(saved_checkpoint, color_data, tmp_path):
+    train_dir, _ = color_data
+    (tmp_path / "notes.txt").write_text("keep me")
+    model_args = ModelArguments(model_name_or_path=str(saved_checkpoint))
+    training_args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        run_finetuning(model_args, DataArguments(train_data=str(train_dir)), training_args)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_script_parses_its_arguments_and_shows_help(monkeypatch, capsys):
+    model_args, data_args, training_args, output_args = parse_finetuning_arguments(
+        ["--model_preset", "msclip-s-tiny", "--train_data", "x", "--output_dir", "o", "--init_head_from_text"]
+    )
+    assert model_args.model_preset == "msclip-s-tiny" and model_args.init_head_from_text
+    assert data_args.train_data == "x" and training_args.output_dir == "o" and not output_args.overwrite_output_dir
+    script = REPO_ROOT / "training" / "run_finetune_classification.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 0 and "--init_head_from_text" in capsys.readouterr().out
+
+
+def test_classification_metrics_hand_computed():
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = np.array([0, 1, 1, 2, 1])
+    # Predictions 0, 1, 2, 0, 1: correct 1, 1, 0, 0, 1 -> accuracy 3/5; recalls class 0: 1, class 1: 2/3, class 2: 0.
+    metrics = classification_metrics(logits, labels)
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    assert metrics["mean_per_class_recall"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    with pytest.raises(ValueError, match="logits"):
+        classification_metrics(logits, labels[:3])
+
+
+def test_folder_detection_and_label_alignment(tmp_path):
+    # Fashion-MNIST layout: root/<split>/<class>/*.png with metadata.jsonl next to the class folders.
+    for split in ("train", "test"):
+        for name in ("bag", "ankle_boot"):
+            (tmp_path / "fm" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "fm" / split / name / "0.png")
+        (tmp_path / "fm" / split / "metadata.jsonl").write_text('{"file_name": "bag/0.png", "text": "a bag"}\n')
+    # Shapes layout: root/<split>/*.png next to metadata.jsonl (captions, no class folders).
+    (tmp_path / "shapes" / "test").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "shapes" / "test" / "0.png")
+    (tmp_path / "shapes" / "test" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a circle"}\n')
+    assert labelled_folder_format(tmp_path / "fm") == "classfolder"
+    assert labelled_folder_format(tmp_path / "fm" / "test") == "classfolder"
+    assert labelled_folder_format(tmp_path / "shapes") == "imagefolder"
+    assert labelled_folder_format(tmp_path / "shapes" / "test") == "imagefolder"
+
+    dataset, names = load_classification_dataset(tmp_path / "fm", split="test")
+    assert names == ["ankle boot", "bag"] and sorted(dataset["label"]) == [0, 1]
+
+    # Integer labels named by a list, -1 dropped; evaluation data renumbered to the training classes by name.
+    train = datasets.Dataset.from_dict({"image": ["a.png"] * 4, "label": [0, 2, 1, -1]})
+    train, names = load_classification_dataset(train, class_names=["cat", "dog", "eel"])
+    assert names == ["cat", "dog", "eel"] and train["label"] == [0, 2, 1]
+    other = datasets.Dataset.from_dict({"image": ["b.png"] * 3, "label": ["eel", "cat", "eel"]})
+    other, other_names = load_classification_dataset(other)
+    assert other_names == ["cat", "eel"] and other["label"] == [1, 0, 1]
+    assert align_labels(other, train)["label"] == [2, 0, 2]
+    stranger, _ = load_classification_dataset(datasets.Dataset.from_dict({"image": ["c.png"], "label": ["fox"]}))
+    with pytest.raises(ValueError, match="fox"):
+        align_labels(stranger, train)
+
+
+def test_classifier_loads_the_vision_tower_of_a_pretraining_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    pretraining = MSClipForPreTraining(MSClipConfig.from_preset("msclip-s-tiny"))
+    pretraining.save_pretrained(tmp_path)
+    model = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path)), ["a", "b"])
+    source = pretraining.state_dict()
+    body = {key: value for key, value in model.state_dict().items() if not key.startswith("classifier.")}
+    assert all(torch.equal(value, source[f"msclip.{key}"]) for key, value in body.items())
+    assert model.config.id2label == {0: "a", 1: "b"} and model.classifier.out_features == 2
+
+
+@pytest.mark.parametrize("preset", ["msclip-s-tiny", "single-tower-tiny"])
+def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokenizer_dir, tmp_path):
+    torch.manual_seed(2)
+    clip_model = MSClipModel(MSClipConfig.from_preset(preset)).eval()
+    if clip_model.config.share_projection_head:
+        # One LayerNorm for both modalities, outside the vision tower: make it matter.
+        with torch.no_grad():
+            clip_model.head_layer_norm.weight.uniform_(0.5, 1.5)
+            clip_model.head_layer_norm.bias.normal_()
+    clip_model.save_pretrained(tmp_path)
+    names = ["red", "green", "blue"]
+    classifier = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path)), names).eval()
+    tokenizer = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
+    templates = ["a photo of a {}.", "a {} square."]
+    size = clip_model.config.vision_config.image_size
+    pixels = torch.randn(5, 3, size, size)
+    scale = initialize_head_from_text(classifier, clip_model, tokenizer, names, templates, pixels)
+    with torch.no_grad():
+        image_embeds = clip_model.get_image_features(pixel_values=pixels).pooler_output
+        prompts = [template.format(name) for name in names for template in templates]
+        text_embeds = clip_model.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt"))
+        logits = classifier(pixel_values=pixels).logits
+    # Zero-shot classifier by hand: normalise each prompt, average per class, normalise again.
+    normalize = torch.nn.functional.normalize
+    class_embeds = normalize(normalize(text_embeds.pooler_output, dim=-1).view(3, 2, -1).mean(1), dim=-1)
+    cosine = normalize(image_embeds, dim=-1) @ class_embeds.T
+    expected_scale = clip_model.logit_scale.exp().item() / image_embeds.norm(dim=-1).mean().item()
+    assert scale == pytest.approx(expected_scale, rel=1e-5)
+    expected_logits = scale * image_embeds.norm(dim=-1, keepdim=True) * cosine
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(classifier.classifier.bias, torch.zeros(3))

@@ -1,0 +1,24 @@
+"""Fine-tune an MS-CLIP checkpoint for image classification with the plain transformers `Trainer`.
+
+    python training/run_finetune_classification.py --model_name_or_path CKPT \
+        --train_data data/fashion-mnist --train_split train --eval_data data/fashion-mnist --eval_split test \
+        --output_dir runs/fmnist-ft --max_steps 500 --per_device_train_batch_size 64 --learning_rate 1e-4 \
+        --eval_strategy steps --eval_steps 100
+
+CKPT is an MSClipModel or MSClipForPreTraining folder (its vision tower is loaded; ``--init_head_from_text`` starts
+the head as the zero-shot classifier), or use ``--model_preset msclip-s-tiny`` to train from scratch. Data are class
+folders (root/<class>/*.png), save_to_disk folders or Hub datasets with image + label columns.
+
+All options: ``python training/run_finetune_classification.py --help`` (model, data and transformers
+TrainingArguments options), or pass one JSON file holding them. See docs/finetuning.md.
+"""
+
+from modeling_msclip.finetuning_msclip import parse_finetuning_arguments, run_finetuning
+
+
+def main() -> None:
+    run_finetuning(*parse_finetuning_arguments())
+
+
+if __name__ == "__main__":
+    main()
