@@ -1187,7 +1187,8 @@ def load_eval_dataset(
 
     Args:
         path: folder, file, shard pattern or Hub name.
-        max_samples: keep only the first N records.
+        max_samples: keep N records drawn at random (seed 0) without replacement, so that a folder sorted by class
+            still yields every class.
         split: split to use when the source has several; ``path/split`` is used when that folder exists.
         purpose: ``"classification"`` (image + label: zero-shot, linear probe), ``"retrieval"`` (image + caption)
             or ``"auto"`` (class folders as classification data, anything else as image-text data).
@@ -1230,8 +1231,8 @@ def load_eval_dataset(
         dataset, _ = load_class_folder_dataset(source, split=split)
     else:
         dataset = load_image_text_dataset(source, split=split)
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.shuffle(seed=0).select(range(max_samples))
     return dataset
 
 
@@ -1324,7 +1325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)")
     parser.add_argument("--split", help="split of --zero-shot-data / --retrieval-data when they hold several")
     parser.add_argument("--label-column", default="label", help="label column of the labelled data")
-    parser.add_argument("--max-samples", type=int, help="use at most this many records of each dataset")
+    parser.add_argument("--max-samples", type=int, help="use at most this many records of each dataset (a seeded random subset)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", help="JSON file for the results")
