@@ -1325,7 +1325,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)")
     parser.add_argument("--split", help="split of --zero-shot-data / --retrieval-data when they hold several")
     parser.add_argument("--label-column", default="label", help="label column of the labelled data")
-    parser.add_argument("--max-samples", type=int, help="use at most this many records of each dataset (a seeded random subset)")
+    parser.add_argument(
+        "--max-samples", type=int, help="use at most this many records of each dataset (a seeded random subset)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", help="JSON file for the results")
