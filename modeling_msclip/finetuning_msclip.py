@@ -25,8 +25,6 @@ import datasets
 import numpy as np
 import torch
 from transformers import (
-    AutoImageProcessor,
-    AutoProcessor,
     EvalPrediction,
     HfArgumentParser,
     Trainer,
@@ -49,8 +47,8 @@ from .data_msclip import (
     load_class_folder_dataset,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
-from .image_processing_msclip import MSClipImageProcessor
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
+from .pretraining_msclip import build_processor
 from .trainer_msclip import configure_cpu_distributed_state
 
 logger = logging.getLogger(__name__)
@@ -437,23 +435,6 @@ def build_classification_model(model_args: ModelArguments, class_names: Sequence
     return model
 
 
-def build_processor(model_args: ModelArguments, image_size: int) -> Any:
-    """The checkpoint's (or ``--processor_name_or_path``'s) processor, else one built from ``--vocab``, else an
-    image processor of ``--image_preset`` at the model's image size."""
-    for source in (model_args.processor_name_or_path, model_args.model_name_or_path):
-        if not source or not Path(source).is_dir():
-            continue
-        if (Path(source) / "tokenizer_config.json").is_file():
-            return AutoProcessor.from_pretrained(source)
-        if any((Path(source) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
-            return AutoImageProcessor.from_pretrained(source)
-    if model_args.vocab:
-        from .processing_msclip import build_msclip_processor
-
-        return build_msclip_processor(model_args.vocab, preset=model_args.image_preset, image_size=image_size)
-    return MSClipImageProcessor.from_preset(model_args.image_preset, image_size=image_size)
-
-
 def _image_processor_of(processor: Any) -> Any:
     return getattr(processor, "image_processor", processor)
 
@@ -604,7 +585,7 @@ def run_finetuning(
         raise ValueError(f"No usable training images in {data_args.train_data}")
 
     model = build_classification_model(model_args, class_names)
-    processor = build_processor(model_args, model.config.vision_config.image_size)
+    processor = build_processor(model_args, model.config.vision_config.image_size, require_tokenizer=False)
     image_processor = _image_processor_of(processor)
     eval_transform = EvalImageTransform(image_processor)
     if data_args.no_augmentation:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import IterableDataset
-from transformers import AutoProcessor, HfArgumentParser, TrainerCallback, set_seed
+from transformers import AutoImageProcessor, AutoProcessor, HfArgumentParser, TrainerCallback, set_seed
 
 from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
 from .data_msclip import (
@@ -155,15 +155,29 @@ def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
     return MSClipForPreTraining._from_config(config, **kwargs)
 
 
-def build_processor(model_args: ModelArguments, image_size: int) -> Any:
-    """Load the processor of the checkpoint (or ``--processor_name_or_path``), or build one from ``--vocab``."""
+def build_processor(model_args: Any, image_size: int, require_tokenizer: bool = True) -> Any:
+    """The processor of ``--processor_name_or_path`` or of the checkpoint folder, else one built from ``--vocab``.
+
+    With ``require_tokenizer=False`` (image classification) a folder holding only an image processor, or finally an
+    ``--image_preset`` image processor at ``image_size``, is accepted too. ``model_args`` needs the fields
+    ``processor_name_or_path``, ``model_name_or_path``, ``vocab`` and ``image_preset``.
+    """
+    from .image_processing_msclip import MSClipImageProcessor
+
     for source in (model_args.processor_name_or_path, model_args.model_name_or_path):
-        if source and (Path(source) / "tokenizer_config.json").is_file():
+        if not source or not Path(source).is_dir():
+            continue
+        if (Path(source) / "tokenizer_config.json").is_file():
             return AutoProcessor.from_pretrained(source)
+        image_configs = ("processor_config.json", "preprocessor_config.json")
+        if not require_tokenizer and any((Path(source) / name).is_file() for name in image_configs):
+            return AutoImageProcessor.from_pretrained(source)
     if model_args.vocab:
         from .processing_msclip import build_msclip_processor
 
         return build_msclip_processor(model_args.vocab, preset=model_args.image_preset, image_size=image_size)
+    if not require_tokenizer:
+        return MSClipImageProcessor.from_preset(model_args.image_preset, image_size=image_size)
     raise ValueError("no processor: pass --processor_name_or_path, a --model_name_or_path holding one, or --vocab")
 
 
