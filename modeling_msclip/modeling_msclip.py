@@ -159,12 +159,18 @@ class MSClipAttention(nn.Module):
         return attn_output, (attn_weights if output_attentions else None)
 
 
+def quick_gelu(hidden_states: torch.Tensor) -> torch.Tensor:
+    """QuickGELU, ``x * sigmoid(1.702 x)``, written as ``silu(1.702 x) / 1.702``: the same function, but one fused
+    kernel whose backward keeps a single tensor (measured in docs/benchmarks.md: 0.8x activation memory, faster)."""
+    return F.silu(hidden_states * 1.702) / 1.702
+
+
 class MSClipMLP(nn.Module):
     """Two-layer MLP (width → intermediate → width) with the configured activation (QuickGELU for CLIP)."""
 
     def __init__(self, config: MSClipTextConfig | MSClipVisionConfig) -> None:
         super().__init__()
-        self.activation_fn = ACT2FN[config.hidden_act]
+        self.activation_fn = quick_gelu if config.hidden_act == "quick_gelu" else ACT2FN[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
@@ -501,7 +507,9 @@ class MSClipTextTower(nn.Module):
         # Pool where the official code pools: at argmax(input_ids), the end-of-text token, which has the largest id.
         pool_index = input_ids.argmax(dim=-1)
         causal = self.config.causal
-        if self.config.trim_padding and (causal or attention_mask is not None):
+        # The trim needs the batch's longest caption on the host; a compiled graph keeps the static shape instead.
+        trim = self.config.trim_padding and not torch.compiler.is_compiling()
+        if trim and (causal or attention_mask is not None):
             # Later positions cannot reach the pooled token (causal) or are masked out: dropping them is exact.
             keep = int(pool_index.max()) + 1
             if keep < input_ids.shape[1]:

@@ -28,6 +28,16 @@ START_ID, END_ID = 49406, 49407
 SPAWN_TIMEOUT_S = 180
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine threads that spin-wait for a busy neighbour's
+    core slow each step several-fold."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def build_model(preset: str, seed: int = 0, **overrides) -> MSClipModel:
     torch.manual_seed(seed)
     config = MSClipConfig.from_preset(preset, **overrides)
