@@ -312,7 +312,8 @@ class MSClipConfig(PreTrainedConfig):
             ``("attention", "mlp", "layer_norm1", "layer_norm2")``. ``None`` shares nothing (vanilla CLIP).
         share_projection_head: One final LayerNorm and one projection for both modalities (single-tower models).
         batch_shared_blocks: When a forward has both modalities, run each shared component once over the image and
-            text tokens together (one larger GEMM instead of two); the outputs are the same.
+            text tokens together (one larger GEMM instead of two); the outputs are the same. Off by default: on CPU
+            the concatenation costs more than it saves (docs/benchmarks.md); GPU measurements are pending.
         logit_scale_init_value: Initial value of the learnable log temperature (CLIP: ln(1/0.07)).
         logit_scale_max: Upper bound of ``exp(logit_scale)`` enforced by the training losses and after optimizer
             steps (the model's forward reproduces the official, unclamped logits).
@@ -330,7 +331,7 @@ class MSClipConfig(PreTrainedConfig):
         projection_dim: int = 512,
         shared_components: list[list[str]] | None = None,
         share_projection_head: bool = False,
-        batch_shared_blocks: bool = True,
+        batch_shared_blocks: bool = False,
         logit_scale_init_value: float = 2.6592,
         logit_scale_max: float = 100.0,
         objective: dict[str, Any] | None = None,

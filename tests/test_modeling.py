@@ -513,6 +513,7 @@ def test_joint_forward_of_shared_blocks_equals_separate_towers(preset):
     torch.manual_seed(0)
     config = MSClipConfig.from_preset(preset)
     model = MSClipModel._from_config(config, attn_implementation="eager").double().train()
+    model.config.batch_shared_blocks = True
     assert model._encodes_jointly()
     inputs = tiny_inputs(config, batch=3)
     inputs["pixel_values"] = inputs["pixel_values"].double()
@@ -537,7 +538,7 @@ def test_joint_forward_of_shared_blocks_equals_separate_towers(preset):
 
 def test_joint_forward_reads_each_shared_weight_once_per_block():
     torch.manual_seed(0)
-    config = MSClipConfig.from_preset("msclip-tiny")
+    config = MSClipConfig.from_preset("msclip-tiny", batch_shared_blocks=True)
     model = MSClipModel(config).eval()
     calls = []
     model.encoder.layers[4].mlp["shared"].fc1.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
