@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .gradcache_msclip import gradcache_backward, split_batch
 from .loss_msclip import clamp_logit_scale_
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -46,6 +47,14 @@ class MSClipTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Weight decay of the shared parameters (default: --weight_decay)."},
     )
+    contrastive_micro_batches: int = field(
+        default=1,
+        metadata={
+            "help": "Gradient caching: split each per-device batch into this many micro-batches whose "
+            "activations are alive one at a time, while the contrastive loss still compares every "
+            "pair of the whole batch (exact full-batch gradients; CLIP and SigLIP objectives)."
+        },
+    )
     nonfinite_loss: str = field(
         default="skip",
         metadata={
@@ -58,6 +67,8 @@ class MSClipTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_POLICIES}, got {self.nonfinite_loss!r}")
+        if self.contrastive_micro_batches < 1:
+            raise ValueError(f"--contrastive_micro_batches must be >= 1, got {self.contrastive_micro_batches}")
 
 
 def is_no_decay_parameter(name: str, parameter: nn.Parameter) -> bool:
@@ -142,6 +153,39 @@ class MSClipTrainer(Trainer):
             optimizer_kwargs.pop("weight_decay", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    # ------------------------------------------------------------------ gradient caching
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The Trainer's step, or with ``--contrastive_micro_batches k > 1`` a gradient-cached step over k
+        micro-batches (`gradcache_msclip.gradcache_backward`)."""
+        if self.args.contrastive_micro_batches == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled:
+            raise ValueError("--contrastive_micro_batches is not available under DeepSpeed (its engine owns backward)")
+        pretraining = self.accelerator.unwrap_model(model)
+        objective = pretraining.config.objective_config.loss
+        if objective not in ("clip", "siglip"):
+            raise ValueError(f"--contrastive_micro_batches needs the clip or siglip objective, not {objective!r}")
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        batch = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values") if key in inputs}
+        micro_batches = split_batch(batch, self.args.contrastive_micro_batches)
+        steps = self.current_gradient_accumulation_steps
+        with self.compute_loss_context_manager():
+            cached = gradcache_backward(
+                model, micro_batches, pretraining.clip_loss, backward_fn=lambda t: self.accelerator.backward(t / steps)
+            )
+        if not _all_ranks_finite(cached.loss):
+            if self.args.nonfinite_loss == "raise":
+                raise FloatingPointError(f"non-finite loss {cached.loss.item()} at step {self.state.global_step}")
+            self._skip_this_step = True
+        else:
+            scale = cached.loss_params[0].exp().clamp(max=pretraining.config.logit_scale_max)
+            self._record_terms({objective: cached.loss, "logit_scale_exp": scale.reshape(())})
+        return cached.loss / steps
 
     # ------------------------------------------------------------------ loss
 

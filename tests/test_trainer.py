@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import TrainerCallback
 
 from modeling_msclip import MSClipConfig, MSClipForPreTraining
 from modeling_msclip.modeling_msclip import MSClipBatchNorm2d
@@ -193,3 +194,31 @@ def test_per_sample_augmentation_does_not_depend_on_batching(msclip_tokenizer_di
     state = torch.get_rng_state()
     collator(records)
     assert torch.equal(state, torch.get_rng_state()), "seeded augmentation must not consume the training RNG"
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps each step's gradients as the optimizer is about to see them."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip"])
+def test_contrastive_micro_batches_give_the_full_batch_gradients(tmp_path, objective):
+    recorded = []
+    for micro_batches in (1, 4):
+        recorder = GradientRecorder()
+        trainer = trainer_for(tiny_model("clip-tiny", loss=objective), PairDataset(8), tmp_path / str(micro_batches),
+                              per_device_train_batch_size=8, max_steps=1,
+                              contrastive_micro_batches=micro_batches)
+        trainer.add_callback(recorder)
+        trainer.train()
+        recorded.append((recorder.steps[0], next(e for e in trainer.state.log_history if "loss" in e)))
+    (full_grads, full_log), (cached_grads, cached_log) = recorded
+    assert full_grads.keys() == cached_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(cached_grads[name], grad, atol=1e-5, rtol=1e-4), name
+    assert cached_log[objective] == pytest.approx(full_log[objective], abs=1e-5)
