@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny_transformers_clip
 from PIL import Image
 
 from modeling_msclip.diagnostics_msclip import (
@@ -220,46 +221,9 @@ def test_attention_similarity_correlations():
 
 
 def test_collect_diagnostics_on_a_tiny_model_and_plot(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
-
-    words = ["a", "the", "red", "green", "blue", "square", "thing", "."]
-    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3} | {w: i + 4 for i, w in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
-    backend.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 1), ("[EOS]", 2)]
+    model, tokenizer, image_processor = build_tiny_transformers_clip(
+        ["a", "the", "red", "green", "blue", "square", "thing", "."]
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", model_max_length=16
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(
-        CLIPConfig(
-            text_config=dict(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=16,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-            ),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=16,
-            ),
-            projection_dim=16,
-        )
-    )
-    model.set_attn_implementation("eager")
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     images = [
         Image.new("RGB", (40, 48), colour)
         for colour in [(200, 20, 20), (20, 200, 20), (20, 20, 200), (220, 60, 60), (60, 220, 60), (60, 60, 220)]
