@@ -201,9 +201,12 @@ class DataStats:
         """All skipped records."""
         return self.skipped_corrupt_image + self.skipped_empty_caption
 
-    def summary(self, all_ranks: bool = False) -> str:
-        """One line for the end-of-run log, e.g. ``data: seen 100, kept 97, skipped 3 (corrupt image 2, ...)``."""
-        counts = self.as_dict(all_ranks=all_ranks)
+    def summary(self, all_ranks: bool = False, counts: dict[str, int] | None = None) -> str:
+        """One line for the end-of-run log, e.g. ``data: seen 100, kept 97, skipped 3 (corrupt image 2, ...)``.
+
+        ``counts`` formats counters already read with `as_dict` (saves a second collective with ``all_ranks``).
+        """
+        counts = counts if counts is not None else self.as_dict(all_ranks=all_ranks)
         skipped = counts["skipped_corrupt_image"] + counts["skipped_empty_caption"]
         return (
             f"data: seen {counts['seen']}, kept {counts['kept']}, skipped {skipped} "

@@ -48,7 +48,7 @@ from .data_msclip import (
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
-from .pretraining_msclip import build_processor
+from .pretraining_msclip import CheckpointArguments, build_processor
 from .trainer_msclip import configure_cpu_distributed_state
 
 logger = logging.getLogger(__name__)
@@ -65,31 +65,9 @@ HEAD_CALIBRATION_IMAGES = 64
 
 
 @dataclass
-class ModelArguments:
-    """Which model to fine-tune and how its classification head starts."""
+class ModelArguments(CheckpointArguments):
+    """Which model to fine-tune (its vision tower; text-only weights are unused) and how its head starts."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Saved MS-CLIP checkpoint: an MSClipModel, MSClipForPreTraining or MSClipForImageClassification "
-            "folder. Its vision tower is loaded; text-only weights are unused."
-        },
-    )
-    model_preset: str | None = field(
-        default=None, metadata={"help": "Train from scratch with this architecture preset (e.g. msclip-s-tiny)."}
-    )
-    processor_name_or_path: str | None = field(
-        default=None, metadata={"help": "Saved processor (default: the model folder, else --vocab, else a preset)."}
-    )
-    vocab: str | None = field(
-        default=None,
-        metadata={
-            "help": "CLIP BPE file to build a processor from (its tokenizer is only needed by --init_head_from_text)."
-        },
-    )
-    image_preset: str = field(
-        default="msclip", metadata={"help": "Image statistics of a built processor: 'msclip' (ImageNet) or 'clip'."}
-    )
     init_head_from_text: bool = field(
         default=False,
         metadata={
@@ -101,7 +79,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "Text file of prompt templates, one per line with a {} placeholder (default: generic)."},
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
 
 
 @dataclass

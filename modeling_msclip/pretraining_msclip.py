@@ -34,15 +34,14 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    """Which model to pre-train and with which objective."""
+class CheckpointArguments:
+    """Where a model and its processor come from (shared by pre-training and fine-tuning)."""
 
     model_preset: str | None = field(
-        default=None, metadata={"help": "Named architecture preset (e.g. msclip-s-b32, msclip-s-tiny)."}
+        default=None, metadata={"help": "Named architecture preset to start from scratch (e.g. msclip-s-b32)."}
     )
-    model_config: str | None = field(default=None, metadata={"help": "JSON file of an MSClipConfig."})
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Saved MSClip checkpoint to start from (inference or pre-training)."}
+        default=None, metadata={"help": "Saved MS-CLIP checkpoint to start from (inference or pre-training)."}
     )
     processor_name_or_path: str | None = field(
         default=None, metadata={"help": "Saved MSClipProcessor (default: the model folder, else built from --vocab)."}
@@ -51,6 +50,14 @@ class ModelArguments:
         default=None, metadata={"help": "CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) to build a processor from."}
     )
     image_preset: str = field(default="msclip", metadata={"help": "Image statistics: 'msclip' (ImageNet) or 'clip'."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+
+
+@dataclass
+class ModelArguments(CheckpointArguments):
+    """Which model to pre-train and with which objective."""
+
+    model_config: str | None = field(default=None, metadata={"help": "JSON file of an MSClipConfig."})
     objective: str | None = field(
         default=None, metadata={"help": "Loss: clip, siglip, nclip or xclip (default: the checkpoint's, else clip)."}
     )
@@ -58,7 +65,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "JSON object of further MSClipObjectiveConfig fields, e.g. '{\"local_loss\": false}'"},
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
 
 
 @dataclass
@@ -155,12 +161,11 @@ def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
     return MSClipForPreTraining._from_config(config, **kwargs)
 
 
-def build_processor(model_args: Any, image_size: int, require_tokenizer: bool = True) -> Any:
+def build_processor(model_args: CheckpointArguments, image_size: int, require_tokenizer: bool = True) -> Any:
     """The processor of ``--processor_name_or_path`` or of the checkpoint folder, else one built from ``--vocab``.
 
     With ``require_tokenizer=False`` (image classification) a folder holding only an image processor, or finally an
-    ``--image_preset`` image processor at ``image_size``, is accepted too. ``model_args`` needs the fields
-    ``processor_name_or_path``, ``model_name_or_path``, ``vocab`` and ``image_preset``.
+    ``--image_preset`` image processor at ``image_size``, is accepted too.
     """
     from .image_processing_msclip import MSClipImageProcessor
 
@@ -188,10 +193,9 @@ class DataStatsCallback(TrainerCallback):
         self.stats = stats
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        summary = self.stats.summary(all_ranks=True)
         counts = self.stats.as_dict(all_ranks=True)
         if state.is_world_process_zero:
-            logger.warning(summary)
+            logger.warning(self.stats.summary(counts=counts))
             state.log_history.append({"data_" + key: value for key, value in counts.items()})
 
 
@@ -347,6 +351,7 @@ def run_pretraining(
 
 
 __all__ = [
+    "CheckpointArguments",
     "DataArguments",
     "ModelArguments",
     "build_model",

@@ -15,7 +15,6 @@ What it adds to the plain Trainer:
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +25,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .gradcache_msclip import gradcache_backward, split_batch
-from .loss_msclip import clamp_logit_scale_
+from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_
 
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("auto", *FINITE_LOSS_POLICIES)
 
 
 @dataclass
@@ -56,10 +55,11 @@ class MSClipTrainingArguments(TrainingArguments):
         },
     )
     nonfinite_loss: str = field(
-        default="skip",
+        default="auto",
         metadata={
             "help": "On a NaN/inf loss: 'raise' stops with an error naming the term; 'skip' drops the whole "
-            "optimizer step (no update, no momentum change) and counts it."
+            "optimizer step (no update, no momentum change) and counts it; 'auto' (default) is 'skip', "
+            "and 'raise' under DeepSpeed, whose engine owns the optimizer step."
         },
     )
 
@@ -124,10 +124,13 @@ class MSClipTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MSClipTrainingArguments):
             raise TypeError("MSClipTrainer needs MSClipTrainingArguments")
-        if self.args.nonfinite_loss == "skip" and self.is_deepspeed_enabled:
+        self.nonfinite_policy = self.args.nonfinite_loss
+        if self.nonfinite_policy == "auto":
+            self.nonfinite_policy = "raise" if self.is_deepspeed_enabled else "skip"
+        if self.nonfinite_policy == "skip" and self.is_deepspeed_enabled:
             raise ValueError(
                 "--nonfinite_loss skip is not available under DeepSpeed, whose engine owns the "
-                "optimizer step; use --nonfinite_loss raise (fp16 loss scaling skips overflows itself)"
+                "optimizer step (fp16 loss scaling skips overflows itself); use raise or auto"
             )
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
@@ -178,13 +181,8 @@ class MSClipTrainer(Trainer):
             cached = gradcache_backward(
                 model, micro_batches, pretraining.clip_loss, backward_fn=lambda t: self.accelerator.backward(t / steps)
             )
-        if not _all_ranks_finite(cached.loss):
-            if self.args.nonfinite_loss == "raise":
-                raise FloatingPointError(f"non-finite loss {cached.loss.item()} at step {self.state.global_step}")
-            self._skip_this_step = True
-        else:
-            scale = cached.loss_params[0].exp().clamp(max=pretraining.config.logit_scale_max)
-            self._record_terms({objective: cached.loss, "logit_scale_exp": scale.reshape(())})
+        scale = cached.loss_params[0].exp().clamp(max=pretraining.config.logit_scale_max)
+        self._accept_loss({objective: cached.loss, "logit_scale_exp": scale.reshape(())})
         return cached.loss / steps
 
     # ------------------------------------------------------------------ loss
@@ -201,21 +199,17 @@ class MSClipTrainer(Trainer):
         outputs = model(**inputs, return_loss=True)
         loss = outputs.loss
         if model.training:
-            finite = _all_ranks_finite(loss)
-            if not finite:
-                terms = {k: v.item() for k, v in (outputs.loss_terms or {}).items() if not math.isfinite(v.item())}
-                if self.args.nonfinite_loss == "raise":
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at step {self.state.global_step}; "
-                        f"non-finite terms: {terms or 'none (the combination overflowed)'}"
-                    )
-                self._skip_this_step = True
-            else:
-                self._record_terms(outputs.loss_terms or {})
+            self._accept_loss({"loss": loss.detach(), **(outputs.loss_terms or {})})
         return (loss, outputs) if return_outputs else loss
 
-    def _record_terms(self, terms: dict[str, torch.Tensor]) -> None:
+    def _accept_loss(self, terms: dict[str, torch.Tensor]) -> None:
+        """Apply the non-finite policy (the same verdict on every rank); record the terms of a finite step."""
+        if not check_finite_loss(terms, self.nonfinite_policy):
+            self._skip_this_step = True
+            return
         for key, value in terms.items():
+            if key == "loss":
+                continue
             self._term_sums[key] = self._term_sums.get(key, 0.0) + value.detach()
         self._term_count += 1
 
@@ -256,13 +250,6 @@ class _MSClipStepCallback(TrainerCallback):
         msclip = getattr(model, "msclip", model)
         if hasattr(msclip, "logit_scale"):
             clamp_logit_scale_(msclip.logit_scale, msclip.config.logit_scale_max)
-
-
-def _all_ranks_finite(loss: torch.Tensor) -> bool:
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
 
 
 def configure_cpu_distributed_state(uses_deepspeed: bool) -> dict[str, Any]:
