@@ -21,6 +21,7 @@ install: $(STAMP)
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: install lint
 	$(PY) -m pytest -q -ra

@@ -309,10 +309,13 @@ class MSClipEncoder(nn.Module):
         self.layers = nn.ModuleList(
             [MSClipEncoderLayer(config, position, modalities) for position in range(config.num_block_positions)]
         )
+        # Fixed by the depths the layers were built with; looked up once because transformers 5 config attribute
+        # reads are slow enough to show in batch-1 inference latency.
+        self._layer_modalities = [config.layer_modalities(i) for i in range(len(self.layers))]
 
     def positions(self, modality: str) -> list[int]:
         """Block positions that ``modality`` runs, in order."""
-        return [i for i in range(len(self.layers)) if modality in self.config.layer_modalities(i)]
+        return [i for i, present in enumerate(self._layer_modalities) if modality in present]
 
     def forward(
         self,
@@ -360,7 +363,7 @@ class MSClipEncoder(nn.Module):
         hidden = {modality: [state] for modality, state in states.items()} if output_hidden_states else None
         attentions: dict[str, list] | None = {modality: [] for modality in states} if output_attentions else None
         for position, layer in enumerate(self.layers):
-            active = [m for m in states if m in self.config.layer_modalities(position)]
+            active = [m for m in states if m in self._layer_modalities[position]]
             if not active:
                 continue
             for modality in active:

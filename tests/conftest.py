@@ -42,8 +42,14 @@ def build_tiny_transformers_clip(words: list[str]):
     torch.manual_seed(0)
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = CLIPConfig(
-        text_config={**tower, "vocab_size": len(vocab), "max_position_embeddings": 16, "pad_token_id": 0,
-                     "bos_token_id": 1, "eos_token_id": 2},
+        text_config={
+            **tower,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
         vision_config={**tower, "image_size": 32, "patch_size": 16},
         projection_dim=16,
     )

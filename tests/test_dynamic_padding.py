@@ -19,12 +19,17 @@ FULL_CAPTION = " ".join(["shape"] * 75)  # 75 tokens + start + end = all 77 posi
 
 def run(model: MSClipModel, batch: dict[str, torch.Tensor], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels,
-                   return_loss=True)
+    output = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels, return_loss=True
+    )
     output.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return {"text": output.text_model_output.pooler_output.detach(), "logits": output.logits_per_image.detach(),
-            "loss": output.loss.detach(), **{f"grad:{k}": v for k, v in grads.items()}}
+    return {
+        "text": output.text_model_output.pooler_output.detach(),
+        "logits": output.logits_per_image.detach(),
+        "loss": output.loss.detach(),
+        **{f"grad:{k}": v for k, v in grads.items()},
+    }
 
 
 def assert_same(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -46,8 +51,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("preset", "attn_implementation", "with_full_caption", "dtype"), CASES)
-def test_trimmed_and_dynamic_batches_equal_full_width(msclip_tokenizer_dir, preset, attn_implementation,
-                                                      with_full_caption, dtype):
+def test_trimmed_and_dynamic_batches_equal_full_width(
+    msclip_tokenizer_dir, preset, attn_implementation, with_full_caption, dtype
+):
     tokenizer = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
     captions = CAPTIONS + ([FULL_CAPTION] if with_full_caption else [])
     wide = tokenizer(captions, padding="max_length", return_tensors="pt")

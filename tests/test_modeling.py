@@ -33,9 +33,12 @@ def converted(request, tmp_path_factory):
     output = tmp_path_factory.mktemp(name) / "model"
     convert_official_main(
         [
-            "--config", str(REFERENCE / name / "config.json"),
-            "--checkpoint", str(REFERENCE / name / "state_dict.safetensors"),
-            "--output", str(output),
+            "--config",
+            str(REFERENCE / name / "config.json"),
+            "--checkpoint",
+            str(REFERENCE / name / "state_dict.safetensors"),
+            "--output",
+            str(output),
         ]
     )
     return name, output
@@ -83,9 +86,7 @@ def test_converted_reference_reproduces_every_official_output(converted, attn_im
         for index, adapter in enumerate(vision.lateral_adapters):
             hooks.append(adapter.register_forward_hook(capture(f"vision_lateral_adapter_output_{index}")))
     with torch.no_grad():
-        out = model(
-            input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], output_hidden_states=True
-        )
+        out = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], output_hidden_states=True)
     for hook in hooks:
         hook.remove()
 
@@ -224,10 +225,22 @@ def test_transformers_clip_conversion_keeps_logits(tmp_path):
 
     torch.manual_seed(0)
     clip_config = CLIPConfig(
-        text_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "vocab_size": 49408, "eos_token_id": 49407},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
+        text_config={
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 49408,
+            "eos_token_id": 49407,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=24,
     )
     clip = CLIPModel(clip_config).eval()
@@ -240,8 +253,15 @@ def test_transformers_clip_conversion_keeps_logits(tmp_path):
         ours = model(**inputs)
         theirs = clip(**inputs)
     assert max_diff(ours.logits_per_image, theirs.logits_per_image) <= TOLERANCE
-    assert max_diff(ours.text_model_output.pooler_output, clip.get_text_features(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output) <= TOLERANCE
+    assert (
+        max_diff(
+            ours.text_model_output.pooler_output,
+            clip.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).pooler_output,
+        )
+        <= TOLERANCE
+    )
 
 
 # ------------------------------------------------------------------------------------------------- model behaviour
@@ -289,8 +309,12 @@ def test_shared_parameters_are_stored_once_and_round_trip_bit_exactly(preset, tm
     assert bool(shared_keys) == any(config.shared_components)
     for position, components in enumerate(config.shared_components):
         layer = model.encoder.layers[position]
-        for name, module in (("attention", layer.self_attn), ("mlp", layer.mlp), ("layer_norm1", layer.layer_norm1),
-                             ("layer_norm2", layer.layer_norm2)):
+        for name, module in (
+            ("attention", layer.self_attn),
+            ("mlp", layer.mlp),
+            ("layer_norm1", layer.layer_norm1),
+            ("layer_norm2", layer.layer_norm2),
+        ):
             assert module.is_shared == (name in components)
             if module.is_shared:
                 assert module.for_modality("text") is module.for_modality("vision")
@@ -312,8 +336,9 @@ def test_missing_weights_are_initialised_under_meta_loading(tmp_path):
     MSClipModel(config).save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     dropped = [k for k in state if k == "logit_scale" or "running_var" in k or "text_model.final_layer_norm" in k]
-    save_file({k: v for k, v in state.items() if k not in dropped}, tmp_path / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"}
+    )
     model = MSClipModel.from_pretrained(tmp_path)
     assert model.logit_scale.item() == pytest.approx(config.logit_scale_init_value)
     for name, buffer in model.named_buffers():
@@ -434,14 +459,20 @@ def test_remote_code_loads_without_the_package(tmp_path, msclip_tokenizer_dir):
     labels = ["a dog", "a cat"]
     in_process = pipeline("zero-shot-image-classification", model=str(tmp_path / "model"))
     scores = {r["label"]: r["score"] for r in in_process(image, candidate_labels=labels)}
-    torch.save({"inputs": inputs, "logits": logits, "image": image, "labels": labels, "scores": scores},
-               tmp_path / "expected.pt")
+    torch.save(
+        {"inputs": inputs, "logits": logits, "image": image, "labels": labels, "scores": scores},
+        tmp_path / "expected.pt",
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     env["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_LOAD, str(tmp_path / "model"), str(tmp_path / "expected.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK transformers_modules" in result.stdout
@@ -499,8 +530,9 @@ def test_zero_shot_pipeline_scores_match_the_model(tmp_path, msclip_tokenizer_di
     assert sorted(r["label"] for r in results) == sorted(labels)
     assert sum(r["score"] for r in results) == pytest.approx(1.0, abs=1e-5)
 
-    inputs = processor(text=[f"a photo of {label}." for label in labels], images=image, return_tensors="pt",
-                       padding="max_length")
+    inputs = processor(
+        text=[f"a photo of {label}." for label in labels], images=image, return_tensors="pt", padding="max_length"
+    )
     with torch.no_grad():
         expected = model(**inputs).logits_per_image.softmax(-1)[0]
     scores = {r["label"]: r["score"] for r in results}

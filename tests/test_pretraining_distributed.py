@@ -28,25 +28,49 @@ GLOBAL_BATCH = 16
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretraining")
-    write_shapes_dataset(root / "shapes", num_train=NUM_SAMPLES, num_validation=8, num_test=8,
-                         config=ShapesConfig(image_size=64))
+    write_shapes_dataset(
+        root / "shapes", num_train=NUM_SAMPLES, num_validation=8, num_test=8, config=ShapesConfig(image_size=64)
+    )
     torch.manual_seed(0)
     MSClipForPreTraining(MSClipConfig.from_preset("msclip-s-tiny")).save_pretrained(root / "init")
     build_msclip_processor(VOCAB, image_size=64).save_pretrained(root / "init")
     return root
 
 
-def launch(workspace: Path, name: str, launcher: list[str], per_device_batch: int, *extra: str,
-           env: dict[str, str] | None = None, expect_returncode: int = 0) -> Path:
+def launch(
+    workspace: Path,
+    name: str,
+    launcher: list[str],
+    per_device_batch: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    expect_returncode: int = 0,
+) -> Path:
     output = workspace / name
     command = [
-        *launcher, str(HOOKS_SCRIPT),
-        "--model_name_or_path", str(workspace / "init"),
-        "--train_data", str(workspace / "shapes"), "--train_split", "train",
-        "--per_device_train_batch_size", str(per_device_batch),
-        "--learning_rate", "1e-4", "--logging_steps", "1", "--report_to", "none",
-        "--dataloader_num_workers", "0", "--output_dir", str(output),
-        "--log_seen_samples", str(output / "seen"), *extra,
+        *launcher,
+        str(HOOKS_SCRIPT),
+        "--model_name_or_path",
+        str(workspace / "init"),
+        "--train_data",
+        str(workspace / "shapes"),
+        "--train_split",
+        "train",
+        "--per_device_train_batch_size",
+        str(per_device_batch),
+        "--learning_rate",
+        "1e-4",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--output_dir",
+        str(output),
+        "--log_seen_samples",
+        str(output / "seen"),
+        *extra,
     ]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
@@ -55,8 +79,15 @@ def launch(workspace: Path, name: str, launcher: list[str], per_device_batch: in
 
 
 def accelerate(config: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configuration" / "accelerate" / config), "--main_process_port", str(_free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configuration" / "accelerate" / config),
+        "--main_process_port",
+        str(_free_port()),
+    ]
 
 
 def _free_port() -> int:
@@ -78,8 +109,17 @@ def seen_keys(output: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def single_process(workspace):
-    return launch(workspace, "single", [sys.executable], GLOBAL_BATCH, "--num_train_epochs", "1",
-                  "--save_strategy", "no", "--no_augmentation")
+    return launch(
+        workspace,
+        "single",
+        [sys.executable],
+        GLOBAL_BATCH,
+        "--num_train_epochs",
+        "1",
+        "--save_strategy",
+        "no",
+        "--no_augmentation",
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,8 +132,19 @@ def single_process(workspace):
 )
 def test_two_process_runs_shard_the_data_and_match_one_process(workspace, single_process, name, config, extra):
     probe = workspace / f"{name}_probe.pt"
-    output = launch(workspace, name, accelerate(config), GLOBAL_BATCH // 2, "--num_train_epochs", "1",
-                    "--save_strategy", "no", "--no_augmentation", *extra, env={"PROBE_OUTPUT": str(probe)})
+    output = launch(
+        workspace,
+        name,
+        accelerate(config),
+        GLOBAL_BATCH // 2,
+        "--num_train_epochs",
+        "1",
+        "--save_strategy",
+        "no",
+        "--no_augmentation",
+        *extra,
+        env={"PROBE_OUTPUT": str(probe)},
+    )
 
     ranks = seen_keys(output)
     assert len(ranks) == 2 and all(len(keys) == NUM_SAMPLES // 2 for keys in ranks)
@@ -121,8 +172,9 @@ def test_interrupted_run_resumes_exactly(workspace):
     launch(workspace, "resume_cut", [sys.executable], 8, *common, env={"CRASH_AFTER_STEP": "4"}, expect_returncode=17)
     cut = workspace / "resume_cut"
     assert (cut / "checkpoint-4").is_dir() and not (cut / "checkpoint-6").exists()
-    resumed = launch(workspace, "resume_cut", [sys.executable], 8, *common,
-                     "--resume_from_checkpoint", str(cut / "checkpoint-4"))
+    resumed = launch(
+        workspace, "resume_cut", [sys.executable], 8, *common, "--resume_from_checkpoint", str(cut / "checkpoint-4")
+    )
     expected, got = step_terms(full), step_terms(resumed)
     for step in (5, 6):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step

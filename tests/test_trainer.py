@@ -50,21 +50,30 @@ def tiny_model(preset: str = "msclip-tiny", **objective) -> MSClipForPreTraining
 
 
 def trainer_for(model, dataset, tmp_path, **arguments) -> MSClipTrainer:
-    defaults = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "report_to": [],
-                "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-3, "use_cpu": True}
+    defaults = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "use_cpu": True,
+    }
     args = MSClipTrainingArguments(**{**defaults, **arguments})
     return MSClipTrainer(model=model, args=args, train_dataset=dataset)
 
 
 def test_parameter_groups_separate_shared_and_no_decay_parameters(tmp_path):
     model = tiny_model("msclip-s-tiny")
-    trainer = trainer_for(model, PairDataset(4), tmp_path, weight_decay=0.05, learning_rate_shared=3e-4,
-                          weight_decay_shared=0.2)
+    trainer = trainer_for(
+        model, PairDataset(4), tmp_path, weight_decay=0.05, learning_rate_shared=3e-4, weight_decay_shared=0.2
+    )
     optimizer = trainer.create_optimizer()
     named = dict(model.named_parameters())
     group_of = {}
-    for group, reference in zip(optimizer.param_groups, build_parameter_groups(model, 1e-3, 0.05, 3e-4, 0.2),
-                                strict=True):
+    for group, reference in zip(
+        optimizer.param_groups, build_parameter_groups(model, 1e-3, 0.05, 3e-4, 0.2), strict=True
+    ):
         assert group["lr"] == reference["lr"] and group["weight_decay"] == reference["weight_decay"]
         for parameter in group["params"]:
             assert id(parameter) not in group_of, "a parameter is in two groups"
@@ -78,11 +87,16 @@ def test_parameter_groups_separate_shared_and_no_decay_parameters(tmp_path):
     by_name = {group["name"]: group for group in build_parameter_groups(model, 1e-3, 0.05, 3e-4, 0.2)}
     assert by_name["shared_decay"]["lr"] == 3e-4 and by_name["shared_decay"]["weight_decay"] == 0.2
     assert by_name["shared_no_decay"]["weight_decay"] == 0.0 and by_name["specific_decay"]["weight_decay"] == 0.05
-    for name in ("msclip.logit_scale", "msclip.text_model.embeddings.token_embedding.weight",
-                 "msclip.vision_model.embeddings.position_embedding", "msclip.encoder.layers.3.mlp.shared.fc1.bias"):
+    for name in (
+        "msclip.logit_scale",
+        "msclip.text_model.embeddings.token_embedding.weight",
+        "msclip.vision_model.embeddings.position_embedding",
+        "msclip.encoder.layers.3.mlp.shared.fc1.bias",
+    ):
         assert is_no_decay_parameter(name, named[name])
     assert sum(p.numel() for p in by_name["shared_decay"]["params"]) == sum(
-        p.numel() for n, p in named.items() if ".shared." in n and p.ndim == 2)
+        p.numel() for n, p in named.items() if ".shared." in n and p.ndim == 2
+    )
 
 
 def test_nonfinite_batches_skip_the_step_or_raise(tmp_path):
@@ -101,8 +115,13 @@ def test_nonfinite_batches_skip_the_step_or_raise(tmp_path):
     logged = [entry for entry in poisoned.state.log_history if "skipped_nonfinite_steps" in entry]
     assert logged[-1]["skipped_nonfinite_steps"] == 2
 
-    strict = trainer_for(tiny_model(), PairDataset(8, nan_items={0, 1, 2, 3, 4, 5, 6, 7}), tmp_path / "raise",
-                         max_steps=2, nonfinite_loss="raise")
+    strict = trainer_for(
+        tiny_model(),
+        PairDataset(8, nan_items={0, 1, 2, 3, 4, 5, 6, 7}),
+        tmp_path / "raise",
+        max_steps=2,
+        nonfinite_loss="raise",
+    )
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         strict.train()
 
@@ -211,9 +230,14 @@ def test_contrastive_micro_batches_give_the_full_batch_gradients(tmp_path, objec
     recorded = []
     for micro_batches in (1, 4):
         recorder = GradientRecorder()
-        trainer = trainer_for(tiny_model("clip-tiny", loss=objective), PairDataset(8), tmp_path / str(micro_batches),
-                              per_device_train_batch_size=8, max_steps=1,
-                              contrastive_micro_batches=micro_batches)
+        trainer = trainer_for(
+            tiny_model("clip-tiny", loss=objective),
+            PairDataset(8),
+            tmp_path / str(micro_batches),
+            per_device_train_batch_size=8,
+            max_steps=1,
+            contrastive_micro_batches=micro_batches,
+        )
         trainer.add_callback(recorder)
         trainer.train()
         recorded.append((recorder.steps[0], next(e for e in trainer.state.log_history if "loss" in e)))

@@ -48,8 +48,12 @@ def main() -> None:
             outputs = model(**batch, return_loss=False)
         if trainer.is_world_process_zero():
             torch.save(
-                {"image_embeds": outputs.image_embeds.cpu(), "text_embeds": outputs.text_embeds.cpu(),
-                 "logits_per_image": outputs.logits_per_image.cpu(), "batch": probe_batch()},
+                {
+                    "image_embeds": outputs.image_embeds.cpu(),
+                    "text_embeds": outputs.text_embeds.cpu(),
+                    "logits_per_image": outputs.logits_per_image.cpu(),
+                    "batch": probe_batch(),
+                },
                 os.environ["PROBE_OUTPUT"],
             )
 
