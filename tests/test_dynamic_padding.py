@@ -105,5 +105,5 @@ def test_gradient_checkpointing_with_trimming(msclip_tokenizer_dir):
     model.config.text_config.trim_padding = False
     reference = run(model, wide, pixels)
     model.config.text_config.trim_padding = True
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert_same(run(model, wide, pixels), reference, torch.float64)
