@@ -9,7 +9,7 @@
    combinations never seen in training) and image<->text retrieval, prints a table against chance and writes
    ``results.json`` and ``curves.png`` into a new ``demo_output/runs/<timestamp>/`` folder.
 
-Usage: ``python -m training.demo [--steps 500] [--batch-size 64] [--output demo_output]``.
+Usage: ``python -m training.demo [--steps 400] [--batch-size 64] [--output demo_output]`` (the defaults).
 """
 
 from __future__ import annotations
