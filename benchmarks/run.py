@@ -17,6 +17,7 @@ Sections (contenders inside a section are timed interleaved, median of --repetit
   c. contrastive loss memory, global N x N vs local B x N rows (analytic and measured);
   d. MS-CLIP-S text padding: 77 tokens without trimming vs dynamic padding / trimming;
   e. gradient checkpointing on vs off;
+  i. patch dropout (FLIP) 0 / 0.5 / 0.75 of the image patches;
   g. gradient caching (k micro-batches) vs one full batch;
   f. torch.compile of the training step and of the loss (graph breaks, compile time, speed).
 
@@ -530,6 +531,24 @@ def section_checkpointing(ctx: Context) -> Section:
     return section
 
 
+def section_patch_dropout(ctx: Context) -> Section:
+    section = Section("i", f"Patch dropout (FLIP), ours clip, batch {ctx.batch_size}, dynamic padding")
+    _, ours = build_clip_pair(ctx.size)
+    inputs = clip_inputs(ctx, ctx.batch_size)
+    steps = {}
+    for fraction in (0.0, 0.5, 0.75):
+        model = copy.deepcopy(ours)
+        model.config.vision_config.patch_dropout = fraction
+        model.config.vision_config.validate()
+        steps[f"patch_dropout {fraction}"] = make_training_step(model, inputs, ctx)
+    rows = list(race_training_steps(section, steps, ctx.batch_size, ctx).values())
+    num_patches = ctx.size.grid_size**2
+    section.notes.append(f"{num_patches} patches per image; the text tower and the loss are unchanged")
+    for row in rows[1:]:
+        section.ratio(f"speed, {row.name} / none", row.value, rows[0].value)
+    return section
+
+
 def section_gradcache(ctx: Context) -> Section:
     batch = ctx.batch_size
     section = Section("g", f"Gradient caching, ours clip, accumulated batch {batch} (all pairs contrasted)")
@@ -753,10 +772,11 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "c": section_loss_memory,
     "d": section_padding,
     "e": section_checkpointing,
+    "i": section_patch_dropout,
     "g": section_gradcache,
     "f": section_compile,
 }
-DEFAULT_SECTIONS = "ahbcdegf"
+DEFAULT_SECTIONS = "ahbcdeigf"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -44,6 +44,10 @@ class BenchSize:
     projection_dim: int
     batch_size: int
 
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
     def describe(self) -> str:
         return (
             f"text {self.text_layers}x{self.text_width} ({self.text_heads} heads), vision {self.vision_layers}x"

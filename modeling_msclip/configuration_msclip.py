@@ -168,6 +168,9 @@ class MSClipVisionConfig(PreTrainedConfig):
         hidden_act: MLP activation.
         layer_norm_eps: LayerNorm epsilon.
         attention_dropout: Dropout on attention probabilities.
+        patch_dropout: Fraction of patch tokens each image drops at random while training (FLIP-style; the class
+            token is always kept, nothing is dropped in ``eval()``). 0.5 roughly halves the vision tower's cost per
+            pair. Not available with the parallel branch, whose lateral adapters convolve the full token grid.
         embedding_type: ``"patch"`` (a strided patch convolution, as in ViT/CLIP) or ``"conv_stem"`` (MS-CLIP-S).
         conv_stem_strides: Strides of the four residual stem stages after the first stride-2 convolution.
         batch_norm_eps: Epsilon of the BatchNorms in the stem and the lateral adapters.
@@ -199,6 +202,7 @@ class MSClipVisionConfig(PreTrainedConfig):
         hidden_act: str = "quick_gelu",
         layer_norm_eps: float = 1e-5,
         attention_dropout: float = 0.0,
+        patch_dropout: float = 0.0,
         embedding_type: str = "patch",
         conv_stem_strides: list[int] | None = None,
         batch_norm_eps: float = 1e-5,
@@ -221,6 +225,7 @@ class MSClipVisionConfig(PreTrainedConfig):
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
         self.attention_dropout = attention_dropout
+        self.patch_dropout = patch_dropout
         self.embedding_type = embedding_type
         self.conv_stem_strides = list(conv_stem_strides) if conv_stem_strides is not None else [2, 2, 2, 2]
         self.batch_norm_eps = batch_norm_eps
@@ -232,7 +237,7 @@ class MSClipVisionConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.initializer_factor = initializer_factor
         super().__init__(**kwargs)
-        self._validate_vision()
+        self.validate()
 
     @property
     def first_attention_layer(self) -> int:
@@ -244,7 +249,9 @@ class MSClipVisionConfig(PreTrainedConfig):
         """Side of the square token grid."""
         return self.image_size // self.patch_size
 
-    def _validate_vision(self) -> None:
+    def validate(self) -> None:
+        """Check that the fields fit together (raises ValueError naming the field); runs at construction, when
+        transformers saves the config, and after a field is changed in place (e.g. ``--patch_dropout``)."""
         _check_heads(self, "vision_config")
         if self.embedding_type not in VISION_EMBEDDING_TYPES:
             raise ValueError(
@@ -267,8 +274,15 @@ class MSClipVisionConfig(PreTrainedConfig):
                 raise ValueError(
                     f"the conv stem needs vision_config.hidden_size divisible by 16, got {self.hidden_size}"
                 )
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"vision_config.patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.parallel_branch_strides is None:
             return
+        if self.patch_dropout:
+            raise ValueError(
+                "vision_config.patch_dropout is not available with the parallel branch: its lateral adapters "
+                "convolve the full token grid. Set patch_dropout to 0 or parallel_branch_strides to None."
+            )
         stages = len(self.parallel_branch_strides)
         if stages != 5:
             raise ValueError(

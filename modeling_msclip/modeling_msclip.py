@@ -702,7 +702,23 @@ class MSClipVisionEmbeddings(nn.Module):
         cls_token = self.class_embedding.expand(patches.shape[0], 1, -1)
         embeddings = torch.cat([cls_token, patches], dim=1)
         embeddings = embeddings + self.interpolated_position_embedding(grid_height, grid_width)
+        if self.training and self.config.patch_dropout > 0:
+            embeddings = self.drop_patches(embeddings)
         return self.pre_layernorm(embeddings)
+
+    def drop_patches(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Keep the class token and a random ``1 - patch_dropout`` share of each image's patch tokens (in grid order).
+
+        Positions are already added, so the encoder still knows where every kept patch sits. The draw uses the torch
+        generator, which gradient caching replays, so its re-forward keeps the same patches.
+        """
+        batch, length, width = embeddings.shape
+        num_patches = length - 1
+        keep = max(1, int(num_patches * (1.0 - self.config.patch_dropout)))
+        scores = torch.rand(batch, num_patches, device=embeddings.device)
+        kept = scores.argsort(dim=1)[:, :keep].sort(dim=1).values + 1
+        rows = torch.cat([torch.zeros(batch, 1, dtype=kept.dtype, device=kept.device), kept], dim=1)
+        return embeddings.gather(1, rows.unsqueeze(-1).expand(-1, -1, width))
 
 
 class MSClipVisionTower(nn.Module):

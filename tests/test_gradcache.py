@@ -119,12 +119,18 @@ def test_gradcache_accumulates_onto_existing_gradients():
     assert_same_gradients(model, reference, "two accumulated steps")
 
 
-def test_dropout_masks_are_replayed_in_the_second_pass():
+DROPOUTS = {
+    "attention": {"text_config": {"attention_dropout": 0.3}, "vision_config": {"attention_dropout": 0.3}},
+    # 64 px / 16 px patches: 16 patches, of which each image keeps 8.
+    "patch": {"vision_config": {"image_size": 64, "patch_size": 16, "patch_dropout": 0.5}},
+}
+
+
+@pytest.mark.parametrize("dropout", sorted(DROPOUTS))
+def test_dropout_masks_are_replayed_in_the_second_pass(dropout):
     # Reference: the micro-batches embedded one after the other with autograd (the same random draws as gradcache's
     # first pass), the full loss on the concatenation, one backward.
-    reference = build_model(
-        "msclip-tiny", text_config={"attention_dropout": 0.3}, vision_config={"attention_dropout": 0.3}
-    )
+    reference = build_model("msclip-tiny", **DROPOUTS[dropout])
     model = copy.deepcopy(reference)
     micro_batches = split_batch(make_batch(reference.config), 4)
     torch.manual_seed(123)
@@ -139,14 +145,15 @@ def test_dropout_masks_are_replayed_in_the_second_pass():
     result = gradcache_backward(model, micro_batches, ClipLoss())
 
     torch.testing.assert_close(result.loss, expected_loss.detach(), rtol=TOLERANCE, atol=TOLERANCE)
-    assert_same_gradients(model, reference, "dropout")
+    assert_same_gradients(model, reference, f"{dropout} dropout")
     # The RNG ends where the single forward pass left it, whatever the replay did.
     assert torch.equal(torch.get_rng_state(), rng_after_reference)
     # The dropout is real: a different seed changes the embeddings.
+    embeds = "image_embeds" if dropout == "patch" else "text_embeds"
     with torch.no_grad():
         torch.manual_seed(7)
-        other = model(**micro_batches[0]).text_embeds
-    assert (other - result.text_embeds[: other.shape[0]]).abs().max() > 1e-3
+        other = getattr(model(**micro_batches[0]), embeds)
+    assert (other - getattr(result, embeds)[: other.shape[0]]).abs().max() > 1e-3
 
 
 def test_train_mode_batch_norm_uses_micro_batch_statistics_and_updates_them_once():
