@@ -48,7 +48,7 @@ from .data_msclip import (
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
-from .pretraining_msclip import CheckpointArguments, build_processor
+from .pretraining_msclip import CheckpointArguments, apply_patch_dropout, build_processor
 from .trainer_msclip import configure_cpu_distributed_state
 
 logger = logging.getLogger(__name__)
@@ -399,6 +399,7 @@ def build_classification_model(model_args: ModelArguments, class_names: Sequence
     kwargs = {"attn_implementation": model_args.attn_implementation}
     if model_args.model_preset:
         config = MSClipConfig.from_preset(model_args.model_preset, **labels)
+        apply_patch_dropout(config, model_args.patch_dropout)
         return MSClipForImageClassification._from_config(config, **kwargs)
     source = model_args.model_name_or_path
     config = MSClipConfig.from_pretrained(source)
@@ -409,6 +410,14 @@ def build_classification_model(model_args: ModelArguments, class_names: Sequence
     not_loaded = sorted(key for key in info["missing_keys"] if not key.startswith("classifier."))
     if not_loaded:
         logger.warning("These vision weights are not in %s and start from scratch: %s", source, not_loaded)
+    apply_patch_dropout(model.config, model_args.patch_dropout)
+    if model.config.vision_config.patch_dropout and model_args.patch_dropout is None:
+        logger.warning(
+            "%s drops %.2f of the image patches while training (vision_config.patch_dropout); pass "
+            "--patch_dropout 0 to fine-tune on whole images",
+            source,
+            model.config.vision_config.patch_dropout,
+        )
     return model
 
 

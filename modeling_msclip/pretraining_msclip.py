@@ -51,6 +51,13 @@ class CheckpointArguments:
     )
     image_preset: str = field(default="msclip", metadata={"help": "Image statistics: 'msclip' (ImageNet) or 'clip'."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    patch_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of patch tokens each image drops while training (FLIP; default: the config's, usually 0). "
+            "0.5 makes the vision tower about twice as cheap per pair; not with MS-CLIP-S's parallel branch."
+        },
+    )
 
 
 @dataclass
@@ -64,13 +71,6 @@ class ModelArguments(CheckpointArguments):
     objective_settings: str | None = field(
         default=None,
         metadata={"help": "JSON object of further MSClipObjectiveConfig fields, e.g. '{\"local_loss\": false}'"},
-    )
-    patch_dropout: float | None = field(
-        default=None,
-        metadata={
-            "help": "Share of patch tokens each image drops while training (FLIP; default: the config's, usually 0). "
-            "0.5 makes the vision tower about twice as cheap per pair; not with MS-CLIP-S's parallel branch."
-        },
     )
 
 
@@ -162,13 +162,19 @@ def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
     if model_args.objective_settings:
         objective.update(json.loads(model_args.objective_settings))
     config.objective = vars(MSClipObjectiveConfig.from_dict(objective))
-    if model_args.patch_dropout is not None:
-        config.vision_config.patch_dropout = model_args.patch_dropout
-        config.vision_config.validate()
+    apply_patch_dropout(config, model_args.patch_dropout)
     kwargs = {"attn_implementation": model_args.attn_implementation}
     if model_args.model_name_or_path:
         return MSClipForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
     return MSClipForPreTraining._from_config(config, **kwargs)
+
+
+def apply_patch_dropout(config: MSClipConfig, patch_dropout: float | None) -> None:
+    """Set ``vision_config.patch_dropout`` (``None`` keeps the config's value) and check that it is allowed."""
+    if patch_dropout is None:
+        return
+    config.vision_config.patch_dropout = patch_dropout
+    config.vision_config.validate()
 
 
 def build_processor(model_args: CheckpointArguments, image_size: int, require_tokenizer: bool = True) -> Any:

@@ -211,6 +211,25 @@ def test_classifier_loads_the_vision_tower_of_a_pretraining_checkpoint(tmp_path)
     assert model.config.id2label == {0: "a", 1: "b"} and model.classifier.out_features == 2
 
 
+def test_patch_dropout_of_a_checkpoint_is_reported_and_can_be_switched_off(tmp_path, caplog):
+    config = MSClipConfig.from_preset("clip-tiny", vision_config={"image_size": 64, "patch_size": 16})
+    config.vision_config.patch_dropout = 0.5
+    MSClipForPreTraining(config).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="modeling_msclip.finetuning_msclip"):
+        kept = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path)), ["a", "b"])
+    assert kept.config.vision_config.patch_dropout == 0.5
+    assert "--patch_dropout 0" in caplog.text
+    whole = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path), patch_dropout=0.0), ["a", "b"])
+    pixels = torch.randn(2, 3, 64, 64)
+
+    def tokens(model: torch.nn.Module) -> int:
+        return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].shape[1]
+
+    assert tokens(whole.train()) == 1 + 16  # every patch while training
+    assert tokens(kept.eval()) == 1 + 16
+    assert tokens(kept.train()) == 1 + 8
+
+
 @pytest.mark.parametrize("preset", ["msclip-s-tiny", "single-tower-tiny"])
 def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokenizer_dir, tmp_path):
     torch.manual_seed(2)
