@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from modeling_msclip import MSClipConfig, MSClipModel
 from modeling_msclip.gradcache_msclip import gradcache_backward, split_batch
 from modeling_msclip.loss_msclip import ClipLoss
+from modeling_msclip.pretraining_msclip import apply_patch_dropout
 
 from .harness import CLOCKS, count_flops, interleaved_timings, machine_description, peak_memory_bytes, synchronizer
 from .setups import (
@@ -538,8 +539,7 @@ def section_patch_dropout(ctx: Context) -> Section:
     steps = {}
     for fraction in (0.0, 0.5, 0.75):
         model = copy.deepcopy(ours)
-        model.config.vision_config.patch_dropout = fraction
-        model.config.vision_config.validate()
+        apply_patch_dropout(model.config, fraction)
         steps[f"patch_dropout {fraction}"] = make_training_step(model, inputs, ctx)
     rows = list(race_training_steps(section, steps, ctx.batch_size, ctx).values())
     num_patches = ctx.size.grid_size**2
@@ -594,7 +594,7 @@ def section_gradcache(ctx: Context) -> Section:
 def section_equal_work_pairs(ctx: Context) -> Section:
     """Our CLIP against `CLIPModel` at identical FLOPs, each pair raced on its own.
 
-    In section a seven contenders share the process, and `CLIPModel` at 77 tokens has the largest step memory of
+    In section a eight contenders share the process, and `CLIPModel` at 77 tokens has the largest step memory of
     them, so it pays most of the page faults that come from the heap changing size between contenders. Racing
     two contenders alone keeps the heap at their own size and measures the implementation difference only.
     """
