@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -26,6 +27,9 @@ class Timing:
 
     name: str
     seconds: list[float] = field(default_factory=list)
+    # With the CPU clock: the same repetitions split into user and system (kernel) CPU seconds per call.
+    user_seconds: list[float] = field(default_factory=list)
+    system_seconds: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -66,7 +70,9 @@ def interleaved_timings(
         clock: ``"wall"`` (``perf_counter``) or ``"cpu"`` (``process_time``: CPU seconds of this process, all threads
             summed). With one compute thread the CPU clock measures the work done and ignores the time the process
             sat descheduled because a neighbour was running, which is what dominates wall-clock noise on a shared
-            machine; with several threads it would also count their spin-waiting, so use wall time there.
+            machine; with several threads it would also count their spin-waiting, so use wall time there. The CPU
+            clock also records each repetition's user / system split (``getrusage``): system time is mostly page
+            faults, which grow with how much memory a step allocates afresh.
 
     Returns:
         name -> `Timing` with seconds per call.
@@ -85,11 +91,16 @@ def interleaved_timings(
     for repetition in range(repetitions):
         shift = repetition % len(names)
         for name in names[shift:] + names[:shift]:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start = now()
             for _ in range(calls_per_repetition):
                 contenders[name]()
             sync()
             timings[name].seconds.append((now() - start) / calls_per_repetition)
+            if clock == "cpu":
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                timings[name].user_seconds.append((after.ru_utime - usage.ru_utime) / calls_per_repetition)
+                timings[name].system_seconds.append((after.ru_stime - usage.ru_stime) / calls_per_repetition)
     return timings
 
 

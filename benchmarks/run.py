@@ -183,6 +183,9 @@ def race_training_steps(
         timing = timings[name]
         row = Row(name, batch_size / timing.median, "pairs/s", timing.spread)
         row.extra["ms_per_step"] = round(1000 * timing.median, 1)
+        if timing.user_seconds:
+            row.extra["user_ms"] = round(1000 * statistics.median(timing.user_seconds), 1)
+            row.extra["system_ms"] = round(1000 * statistics.median(timing.system_seconds), 1)
         peak = peak_memory_bytes(step, ctx.device)
         row.peak_mb = None if peak is None else peak / MB
         if measure_flops:

@@ -771,7 +771,8 @@ def _captions_present(batch: dict[str, list[Any]], text_column: str) -> list[boo
     return [extract_caption(row, text_column) is not None for row in rows]
 
 
-def _images_decodable(images: list[Any]) -> list[bool]:
+def images_decodable(images: list[Any]) -> list[bool]:
+    """One flag per image: can it be decoded (batched `datasets` filter; a bad image drops its record)."""
     valid = []
     for value in images:
         try:
@@ -826,7 +827,7 @@ def drop_bad_records(
     with_caption = dataset.filter(
         _captions_present, batched=True, fn_kwargs={"text_column": text_column}, num_proc=num_proc
     )
-    valid = with_caption.filter(_images_decodable, input_columns=image_column, batched=True, num_proc=num_proc)
+    valid = with_caption.filter(images_decodable, input_columns=image_column, batched=True, num_proc=num_proc)
     empty_caption = total - len(with_caption)
     corrupt_image = len(with_caption) - len(valid)
     stats.add(

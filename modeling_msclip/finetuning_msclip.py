@@ -12,10 +12,8 @@ the definition is the same (fraction of argmax predictions equal to the label).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +42,13 @@ from .data_msclip import (
     TrainImageTransform,
     class_name_from_folder,
     decode_image,
+    images_decodable,
     load_class_folder_dataset,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
 from .pretraining_msclip import CheckpointArguments, apply_patch_dropout, build_processor
-from .trainer_msclip import configure_cpu_distributed_state
+from .trainer_msclip import parse_arguments_for_this_machine
 
 logger = logging.getLogger(__name__)
 
@@ -131,16 +130,7 @@ def parse_finetuning_arguments(
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments, OutputArguments]:
     """Parse the command line (or a single ``.json`` file of arguments)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, OutputArguments))
-    args = list(argv) if argv is not None else sys.argv[1:]
-    from_json = len(args) == 1 and args[0].endswith(".json")
-    settings = json.loads(Path(args[0]).read_text()) if from_json else {}
-    uses_deepspeed = bool(settings.get("deepspeed")) or any(a.split("=")[0] == "--deepspeed" for a in args)
-    overrides = configure_cpu_distributed_state(uses_deepspeed)
-    if from_json:
-        return parser.parse_dict({**settings, **overrides})
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return parser.parse_args_into_dataclasses(args)
+    return parse_arguments_for_this_machine(parser, argv)
 
 
 def check_output_dir(training_args: TrainingArguments, output_args: OutputArguments) -> None:
@@ -330,24 +320,15 @@ def align_labels(dataset: datasets.Dataset, reference: datasets.Dataset) -> data
     )
 
 
-def _images_readable(images: list[Any]) -> list[bool]:
-    readable = []
-    for value in images:
-        try:
-            decode_image(value)
-            readable.append(True)
-        except Exception:  # an unreadable image drops its record, it never stops the run
-            readable.append(False)
-    return readable
-
-
 def drop_unreadable_images(dataset: datasets.Dataset, stats: DataStats) -> datasets.Dataset:
     """Remove records whose image cannot be decoded, counting them in ``stats`` as seen and skipped."""
-    kept = dataset.filter(_images_readable, input_columns="image", batched=True)
+    kept = dataset.filter(images_decodable, input_columns="image", batched=True)
     skipped = len(dataset) - len(kept)
     if skipped:
         logger.warning("Skipped %d record(s) with an unreadable image", skipped)
-    stats.add(seen=skipped, skipped_corrupt_image=skipped)
+    # Every rank scans the whole dataset alike; counting on one keeps the summed totals right.
+    if int(os.environ.get("RANK", "0")) == 0:
+        stats.add(seen=skipped, skipped_corrupt_image=skipped)
     return kept
 
 
@@ -497,7 +478,7 @@ class SkippedRecordsCallback(TrainerCallback):
         return {
             f"{stage}_{key}": value
             for stage, stats in self.stats.items()
-            for key, value in stats.as_dict().items()
+            for key, value in stats.as_dict(all_ranks=True).items()
             if key == "skipped_corrupt_image"
         }
 
@@ -637,8 +618,7 @@ def run_finetuning(
         eval_metrics["eval_skipped_corrupt_image"] = stats["eval"].skipped_corrupt_image
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    if trainer.is_world_process_zero():
-        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    trainer.save_state()
     return trainer
 
 

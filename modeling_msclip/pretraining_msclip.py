@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from .data_msclip import (
     load_image_text_dataset,
 )
 from .modeling_msclip import MSClipForPreTraining
-from .trainer_msclip import MSClipTrainer, MSClipTrainingArguments, configure_cpu_distributed_state
+from .trainer_msclip import MSClipTrainer, MSClipTrainingArguments, parse_arguments_for_this_machine
 
 logger = logging.getLogger(__name__)
 
@@ -131,18 +130,7 @@ def parse_pretraining_arguments(
 ) -> tuple[ModelArguments, DataArguments, MSClipTrainingArguments]:
     """Parse the command line (or a single ``.json`` file of arguments)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, MSClipTrainingArguments))
-    argv = list(argv) if argv is not None else None
-    args = list(argv) if argv is not None else sys.argv[1:]
-    from_json = len(args) == 1 and args[0].endswith(".json")
-    settings = json.loads(Path(args[0]).read_text()) if from_json else {}
-    uses_deepspeed = bool(settings.get("deepspeed")) or any(a.split("=")[0] == "--deepspeed" for a in args)
-    uses_deepspeed = uses_deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    overrides = configure_cpu_distributed_state(uses_deepspeed)
-    if from_json:
-        return parser.parse_dict({**settings, **overrides})
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return parser.parse_args_into_dataclasses(args)
+    return parse_arguments_for_this_machine(parser, argv)
 
 
 def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
@@ -291,7 +279,9 @@ def build_datasets(data_args: DataArguments, stats: DataStats) -> tuple[Any, Any
             streaming=streaming,
         )
         if not data_args.skip_record_check:
-            dataset = drop_bad_records(dataset, stats=stats)
+            # Every rank scans the whole map-style dataset alike; counting on one keeps the summed totals right.
+            counted = streaming or int(os.environ.get("RANK", "0")) == 0
+            dataset = drop_bad_records(dataset, stats=stats if counted else None)
         return dataset
 
     train = load(data_args.train_data, data_args.train_split, data_args.streaming)
@@ -357,10 +347,8 @@ def run_pretraining(
     if zero_shot_callback is not None:
         zero_shot_callback.attach(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
-        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    trainer.save_model()  # with the processor (the trainer's processing_class)
+    trainer.save_state()
     if eval_dataset is not None and training_args.do_eval:
         trainer.evaluate()
     return trainer

@@ -15,14 +15,18 @@ What it adds to the plain Trainer:
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from .gradcache_msclip import gradcache_backward, split_batch
 from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_
@@ -276,11 +280,29 @@ def configure_cpu_distributed_state(uses_deepspeed: bool) -> dict[str, Any]:
     return {"accelerator_config": {"use_configured_state": True}}
 
 
+def parse_arguments_for_this_machine(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse a command line (or a single ``.json`` file of arguments) into ``parser``'s dataclasses, adding the
+    `configure_cpu_distributed_state` overrides. DeepSpeed is recognised from ``--deepspeed``, the JSON file or an
+    ``accelerate launch`` DeepSpeed config (``ACCELERATE_USE_DEEPSPEED``)."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    from_json = len(args) == 1 and args[0].endswith(".json")
+    settings = json.loads(Path(args[0]).read_text()) if from_json else {}
+    uses_deepspeed = bool(settings.get("deepspeed")) or any(a.split("=")[0] == "--deepspeed" for a in args)
+    uses_deepspeed = uses_deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    overrides = configure_cpu_distributed_state(uses_deepspeed)
+    if from_json:
+        return parser.parse_dict({**settings, **overrides})
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return parser.parse_args_into_dataclasses(args)
+
+
 __all__ = [
     "MSClipTrainer",
     "MSClipTrainingArguments",
     "build_parameter_groups",
     "configure_cpu_distributed_state",
+    "parse_arguments_for_this_machine",
     "is_no_decay_parameter",
     "is_shared_parameter",
 ]

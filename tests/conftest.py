@@ -3,6 +3,7 @@
 SHARED_DIR is the read-only reference material next to the repository (../shared); tests read it, never copy it.
 """
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,10 @@ def build_tiny_transformers_clip(words: list[str]):
     model.set_attn_implementation("eager")
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model, tokenizer, image_processor
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for gloo rendezvous and accelerate launch)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -47,6 +47,9 @@ def test_every_requested_section_reports_rows_and_ratios(results: dict) -> None:
     labels = {ratio["label"]: ratio for ratio in results["sections"]["a"]["ratios"]}
     assert labels["ours clip / HF, identical 77-padded input tensors"]["comment"] == "target >= 1.10"
     assert len(results["sections"]["h"]["ratios"]) == 2
+    # The CPU clock's user/system split is recorded with every training row.
+    for row in results["sections"]["h"]["rows"]:
+        assert row["extra"]["user_ms"] > 0 and row["extra"]["system_ms"] >= 0
 
 
 def test_training_contenders_compute_the_same_function_and_flops(results: dict) -> None:

@@ -749,3 +749,20 @@ def test_fashion_mnist_recipe(tmp_path, cache_dir):
     batch = collator(list(classes))
     assert batch["pixel_values"].shape == (10, 3, 8, 8) and collator.stats.skipped_corrupt_image == 1
     assert fashion.main(["--input-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_pretraining_prescan_counts_each_bad_record_once_across_ranks(tmp_path, monkeypatch):
+    # Every rank scans the whole map-style dataset; the summed per-rank counts must still count each drop once.
+    from modeling_msclip.pretraining_msclip import DataArguments, build_datasets
+
+    path = _table(tmp_path, "csv")
+    kept, counts = [], []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        stats = DataStats()
+        train, _ = build_datasets(DataArguments(train_data=str(path)), stats)
+        kept.append(len(train))
+        counts.append(stats.as_dict())
+    assert kept[0] == kept[1] == len(CAPTIONS) - 4  # 2 unreadable images, 2 empty captions
+    assert counts[0]["skipped_corrupt_image"] == 2 and counts[0]["skipped_empty_caption"] == 2
+    assert all(value == 0 for value in counts[1].values())

@@ -6,7 +6,6 @@ identical copy of the model; gradcache runs on k micro-batches of the same pairs
 
 import copy
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -250,16 +250,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_gradcache_across_two_gloo_ranks_equals_single_process_full_batch(tmp_path):
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        _worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1):

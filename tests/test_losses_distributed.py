@@ -7,7 +7,6 @@ the same computation done here in one process on the concatenated batch.
 
 import math
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -143,17 +143,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("loss_ranks")
     context = mp.start_processes(
-        _worker, args=(WORLD_SIZE, _free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        _worker, args=(WORLD_SIZE, free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, free_port
 
 from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipModel, build_msclip_processor
 from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
@@ -86,16 +86,8 @@ def accelerate(config: str) -> list[str]:
         "--config_file",
         str(REPO / "configuration" / "accelerate" / config),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
     ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def step_terms(output: Path, key: str = "clip") -> dict[int, float]:
