@@ -455,12 +455,12 @@ def collect_diagnostics(
     Returns:
         `{"modality_gap": ..., "nmi_per_layer": [...], "attention": {...} or None, "num_pairs", "num_skipped"}`.
     """
+    from .data_msclip import decode_image
     from .evaluation_msclip import (
         _eval_mode,
         _iter_rows,
         _model_device_and_dtype,
         _pixel_values,
-        load_image,
         split_processor,
     )
 
@@ -500,7 +500,7 @@ def collect_diagnostics(
                 caption = caption if isinstance(caption, str) else list(caption)[0]
                 if not isinstance(caption, str) or not caption.strip():
                     raise ValueError("empty caption")
-                image = load_image(row[image_column])
+                image = decode_image(row[image_column])
             except Exception as skip_error:  # noqa: BLE001 - bad records are skipped and counted, never fatal
                 num_skipped += 1
                 logger.warning("skipping record %d: %s", index, skip_error)

@@ -44,6 +44,8 @@ from transformers import TrainerCallback
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessorMixin
 
+from .data_msclip import decode_image
+
 logger = logging.getLogger(__name__)
 
 # A few generic prompts written for this project (not the 80 ImageNet prompts of the CLIP paper). Pass your own list
@@ -542,28 +544,6 @@ def _is_hf_image_processor(obj: Any) -> bool:
     return isinstance(obj, ImageProcessingMixin)
 
 
-def load_image(value: Any) -> Image.Image:
-    """Return an RGB PIL image from a PIL image, a path, a `datasets` `{"path", "bytes"}` dict or an HWC array."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, (str, os.PathLike)):
-        with Image.open(value) as opened:
-            image = opened.copy()
-    elif isinstance(value, Mapping) and (value.get("bytes") is not None or value.get("path") is not None):
-        import io
-
-        if value.get("bytes") is not None:
-            image = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            with Image.open(value["path"]) as opened:
-                image = opened.copy()
-    elif isinstance(value, np.ndarray):
-        image = Image.fromarray(value)
-    else:
-        raise ValueError(f"cannot read an image from a {type(value).__name__}")
-    return image.convert("RGB")
-
-
 def _pixel_values(preprocess: Any, images: Sequence[Image.Image]) -> torch.Tensor:
     """Preprocess PIL images with an HF image processor or a per-image callable returning a [3, H, W] tensor."""
     if preprocess is None:
@@ -663,8 +643,8 @@ def encode_images(
                 pil_images = []
                 for offset, image in enumerate(batch):
                     try:
-                        pil_images.append(load_image(image))
-                    except (OSError, ValueError) as error:
+                        pil_images.append(decode_image(image))
+                    except (OSError, ValueError, TypeError) as error:
                         raise ValueError(f"image {start + offset} cannot be read: {error}") from error
                 pixel_values = _pixel_values(preprocess, pil_images)
             outputs.append(_embed_pixel_batch(model, pixel_values))
@@ -710,7 +690,7 @@ def _encode_dataset_images(
             try:
                 if error is not None:
                     raise error
-                image = load_image(row[image_column])
+                image = decode_image(row[image_column])
                 extra = extract(row)
             except Exception as skip_error:  # noqa: BLE001 - bad records are skipped and counted, never fatal
                 num_skipped += 1

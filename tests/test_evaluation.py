@@ -334,6 +334,15 @@ def test_encode_images_processor_transform_and_tensor_agree(tiny_clip):
         encode_images(model, image_processor, [images[0], "/nonexistent/file.png"])
 
 
+def test_encode_images_reads_files_as_training_does(tiny_clip, tmp_path):
+    # Training paints transparency onto white (data_msclip.decode_image); evaluation must see the same pixels.
+    model, _, image_processor = tiny_clip
+    Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "transparent_red.png")
+    from_file = encode_images(model, image_processor, [str(tmp_path / "transparent_red.png")])
+    white = encode_images(model, image_processor, [Image.new("RGB", (32, 32), (255, 255, 255))])
+    torch.testing.assert_close(from_file, white, atol=1e-6, rtol=1e-6)
+
+
 def test_evaluate_zero_shot_matches_forward_logits_and_skips_bad_records(tiny_clip, tmp_path):
     import datasets
 
