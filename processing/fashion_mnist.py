@@ -163,13 +163,15 @@ def write_fashion_mnist(
     Returns:
         The number of images written per split.
     """
+    # Read the input before touching the output, so a wrong --input-dir never costs an earlier result.
+    splits = {}
+    for split, limit in (("train", limit_train), ("test", limit_test)):
+        images, labels = load_fashion_mnist_split(input_dir, split)
+        splits[split] = (images[:limit], labels[:limit]) if limit is not None else (images, labels)
     root = prepare_output_dir(output_dir, overwrite=overwrite, owned=("train", "test", "classes.json"))
     rng = np.random.default_rng(seed)
     written = {}
-    for split, limit in (("train", limit_train), ("test", limit_test)):
-        images, labels = load_fashion_mnist_split(input_dir, split)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
+    for split, (images, labels) in splits.items():
         split_dir = root / split
         for class_name in FASHION_MNIST_CLASSES:
             (split_dir / class_folder_name(class_name)).mkdir(parents=True, exist_ok=True)

@@ -749,6 +749,11 @@ def test_fashion_mnist_recipe(tmp_path, cache_dir):
     batch = collator(list(classes))
     assert batch["pixel_values"].shape == (10, 3, 8, 8) and collator.stats.skipped_corrupt_image == 1
     assert fashion.main(["--input-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
+    # A wrong input folder with --overwrite leaves the earlier output as it was.
+    before = sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*"))
+    missing_input = ["--input-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"), "--overwrite"]
+    assert fashion.main(missing_input) == 2
+    assert sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*")) == before
 
 
 def test_pretraining_prescan_counts_each_bad_record_once_across_ranks(tmp_path, monkeypatch):
