@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -441,6 +441,8 @@ class NClipHead(nn.Module):
             if i > 0:
                 layers.append(nn.GELU())
             layers.append(nn.Linear(dims[i], dims[i + 1]))
+            # Read by reset_parameters and by MSClipPreTrainedModel._init_weights (which initialises every Linear).
+            layers[-1].trunc_normal_std = 0.02
         self.mlp = nn.Sequential(*layers)
         if prototypes is None:
             prototypes = NClipPrototypes(bottleneck_dim, num_prototypes, learnable_norm=learnable_prototype_norm)
@@ -457,7 +459,7 @@ class NClipHead(nn.Module):
         """Truncated-normal(0.02) MLP weights and zero biases (the prototypes keep their own init)."""
         for module in self.mlp:
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.trunc_normal_(module.weight, std=module.trunc_normal_std)
                 nn.init.zeros_(module.bias)
 
     @property
@@ -498,10 +500,6 @@ class NClipLossOutput:
     prototypes_used_image: torch.Tensor
     prototypes_used_text: torch.Tensor
     argmax_agreement: torch.Tensor
-
-    def to_log_dict(self, prefix: str = "nclip/") -> dict[str, float]:
-        """All fields as Python floats, keyed ``prefix + name`` (synchronises with the device)."""
-        return {prefix + f.name: float(getattr(self, f.name).detach().item()) for f in fields(self)}
 
 
 def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:

@@ -873,7 +873,12 @@ class MSClipPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=module.in_features**-0.5 * factor)
+            # A module may declare its own init (the nCLIP head: truncated normal), otherwise CLIP's fan-in normal.
+            declared_std = getattr(module, "trunc_normal_std", None)
+            if declared_std is not None:
+                init.trunc_normal_(module.weight, std=declared_std)
+            else:
+                init.normal_(module.weight, std=module.in_features**-0.5 * factor)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, MSClipModel):
@@ -1089,7 +1094,7 @@ class MSClipPreTrainingOutput(ModelOutput):
         logit_bias: SigLIP logit bias (``loss="siglip"`` only).
         image_prototype_scores: nCLIP prototype scores of the images (``nclip``/``xclip`` only).
         text_prototype_scores: nCLIP prototype scores of the texts.
-        loss_terms: Detached scalar terms and diagnostics for logging (``clip``, ``nclip/pred``, entropies, ...).
+        loss_terms: Detached scalar terms and diagnostics for logging (``clip``, ``pred``, entropies, ...).
     """
 
     loss: torch.Tensor | None = None
