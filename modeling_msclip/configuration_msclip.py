@@ -17,6 +17,7 @@ LayerNorms included, plus a shared projection head).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from typing import Any
@@ -264,7 +265,7 @@ class MSClipVisionConfig(PreTrainedConfig):
         if self.embedding_type == "conv_stem":
             if len(self.conv_stem_strides) != 4:
                 raise ValueError(f"vision_config.conv_stem_strides needs 4 strides, got {self.conv_stem_strides}")
-            total_stride = 2 * _product(self.conv_stem_strides)
+            total_stride = 2 * math.prod(self.conv_stem_strides)
             if total_stride != self.patch_size:
                 raise ValueError(
                     f"the conv stem's total stride 2*prod({self.conv_stem_strides}) = {total_stride} "
@@ -483,13 +484,6 @@ def _check_heads(config: MSClipTextConfig | MSClipVisionConfig, name: str) -> No
             f"{name}.hidden_size ({config.hidden_size}) is not a multiple of num_attention_heads "
             f"({config.num_attention_heads})"
         )
-
-
-def _product(values: list[int]) -> int:
-    result = 1
-    for value in values:
-        result *= value
-    return result
 
 
 __all__ = [

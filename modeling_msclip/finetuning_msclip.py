@@ -46,6 +46,7 @@ from .data_msclip import (
     load_class_folder_dataset,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
+from .loss_msclip import logit_scale_exp
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
 from .pretraining_msclip import CheckpointArguments, apply_patch_dropout, build_processor
 from .trainer_msclip import parse_arguments_for_this_machine
@@ -431,7 +432,7 @@ def initialize_head_from_text(
     else:
         projection = clip_model.visual_projection.weight
     text_classifier = build_zero_shot_classifier(clip_model, tokenizer, list(class_names), list(templates))
-    scale = float(clip_model.logit_scale.exp().clamp(max=clip_model.config.logit_scale_max))
+    scale = float(logit_scale_exp(clip_model.logit_scale.detach(), clip_model.config.logit_scale_max, torch.float32))
     if calibration_pixel_values is not None and len(calibration_pixel_values):
         image_embeds = encode_images(clip_model, None, calibration_pixel_values)
         scale /= float(image_embeds.norm(dim=-1).mean().clamp(min=1e-6))

@@ -72,7 +72,7 @@ def _check_same_local_batch(tensor: torch.Tensor, world_size: int) -> None:
     local = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
     sizes = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(sizes, local)
-    sizes_list = [int(s.item()) for s in sizes]
+    sizes_list = torch.cat(sizes).tolist()  # one host sync
     if len(set(sizes_list)) != 1:
         raise ValueError(
             f"all ranks must pass the same local batch size to the loss, got {sizes_list} "
@@ -80,7 +80,7 @@ def _check_same_local_batch(tensor: torch.Tensor, world_size: int) -> None:
         )
 
 
-def gather_features(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
+def gather_features(tensor: torch.Tensor, with_grad: bool, check_batch: bool = True) -> torch.Tensor:
     """All-gather ``tensor`` along dim 0 across the default process group (rank order).
 
     Args:
@@ -89,6 +89,8 @@ def gather_features(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
             of all ranks and routes them to the owner rank. ``False`` uses a plain ``all_gather`` and splices the
             local tensor back into its slot, so only the local shard carries gradient (it receives this rank's
             gradient only).
+        check_batch: compare the local batch sizes across ranks first (one extra collective). A caller gathering a
+            second tensor of the batch it has just checked passes ``False``.
 
     Returns:
         ``[W * B, ...]`` tensor; ``tensor`` itself when not distributed or with world size 1.
@@ -96,7 +98,8 @@ def gather_features(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     rank, world_size = get_rank_and_world_size()
     if world_size == 1:
         return tensor
-    _check_same_local_batch(tensor, world_size)
+    if check_batch:
+        _check_same_local_batch(tensor, world_size)
     tensor = tensor.contiguous()
     if with_grad:
         import torch.distributed.nn.functional as dist_nn  # imported lazily: absent on builds without distributed
@@ -155,7 +158,7 @@ def _check_scalar_param(value: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a tensor with exactly one element (shape [1]), got {shape}")
 
 
-def _logit_scale_exp(logit_scale: torch.Tensor, logit_scale_max: float | None, dtype: torch.dtype) -> torch.Tensor:
+def logit_scale_exp(logit_scale: torch.Tensor, logit_scale_max: float | None, dtype: torch.dtype) -> torch.Tensor:
     """``exp(logit_scale)`` capped at ``logit_scale_max``; the cap passes no gradient to the parameter while active."""
     _check_scalar_param(logit_scale, "logit_scale")
     scale = logit_scale.to(dtype).reshape(()).exp()
@@ -260,7 +263,7 @@ class ClipLoss(nn.Module):
         """
         _check_pair_embeds(image_embeds, text_embeds)
         dtype = _compute_dtype(image_embeds)
-        scale = _logit_scale_exp(logit_scale, self.logit_scale_max, dtype)
+        scale = logit_scale_exp(logit_scale, self.logit_scale_max, dtype)
         image_embeds = image_embeds.to(dtype)
         text_embeds = text_embeds.to(dtype)
         rank, world_size = get_rank_and_world_size()
@@ -272,7 +275,7 @@ class ClipLoss(nn.Module):
             labels = torch.arange(batch_size, device=image_embeds.device)
         elif self.local_loss:
             all_image_embeds = gather_features(image_embeds, with_grad=True)
-            all_text_embeds = gather_features(text_embeds, with_grad=True)
+            all_text_embeds = gather_features(text_embeds, with_grad=True, check_batch=False)
             logits_per_image = scale * image_embeds @ all_text_embeds.T
             logits_per_text = scale * text_embeds @ all_image_embeds.T
             labels = torch.arange(batch_size, device=image_embeds.device) + rank * batch_size
@@ -281,7 +284,7 @@ class ClipLoss(nn.Module):
                 image_embeds = _ScaleGradient.apply(image_embeds, float(world_size))
                 text_embeds = _ScaleGradient.apply(text_embeds, float(world_size))
             all_image_embeds = gather_features(image_embeds, with_grad=self.gather_with_grad)
-            all_text_embeds = gather_features(text_embeds, with_grad=self.gather_with_grad)
+            all_text_embeds = gather_features(text_embeds, with_grad=self.gather_with_grad, check_batch=False)
             logits_per_image = scale * all_image_embeds @ all_text_embeds.T
             logits_per_text = logits_per_image.T
             labels = torch.arange(batch_size * world_size, device=image_embeds.device)
@@ -340,7 +343,7 @@ class SigLipLoss(nn.Module):
         _check_pair_embeds(image_embeds, text_embeds)
         _check_scalar_param(logit_bias, "logit_bias")
         dtype = _compute_dtype(image_embeds)
-        scale = _logit_scale_exp(logit_scale, self.logit_scale_max, dtype)
+        scale = logit_scale_exp(logit_scale, self.logit_scale_max, dtype)
         bias = logit_bias.to(dtype).reshape(())
         image_embeds = image_embeds.to(dtype)
         text_embeds = text_embeds.to(dtype)

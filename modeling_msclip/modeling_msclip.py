@@ -37,6 +37,7 @@ from .loss_msclip import (
     NClipPrototypes,
     SigLipLoss,
     all_reduce_sum_with_grad,
+    logit_scale_exp,
     xclip_loss,
 )
 
@@ -223,7 +224,6 @@ class MSClipEncoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: MSClipConfig, position: int, modalities: tuple[str, ...] | None = None) -> None:
         super().__init__()
-        self.position = position
         present = config.layer_modalities(position)
         modalities = tuple(m for m in present if modalities is None or m in modalities)
         shared = set(config.shared_components[position])
@@ -569,13 +569,8 @@ class MSClipTextEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        length = input_ids.shape[-1]
-        if length > self.position_embedding.shape[0]:
-            raise ValueError(
-                f"input_ids has {length} positions but the text tower supports at most "
-                f"{self.position_embedding.shape[0]}"
-            )
-        return self.token_embedding(input_ids) + self.position_embedding[:length]
+        # MSClipTextTower.prepare has checked the length against max_position_embeddings.
+        return self.token_embedding(input_ids) + self.position_embedding[: input_ids.shape[-1]]
 
 
 class MSClipTextTower(nn.Module):
@@ -1210,7 +1205,7 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
                 else xclip_loss(loss, nclip.total, objective.clip_weight, objective.nclip_weight)
             )
         # The temperature the contrastive terms actually used (exp(logit_scale) capped at logit_scale_max).
-        terms["logit_scale_exp"] = outputs.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        terms["logit_scale_exp"] = logit_scale_exp(outputs.logit_scale, self.config.logit_scale_max, torch.float32)
         result.loss = loss
         result.loss_terms = {key: value.detach().float().reshape(()) for key, value in terms.items()}
         return result

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from .gradcache_msclip import gradcache_backward, split_batch
-from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_
+from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_, logit_scale_exp
 
 NONFINITE_POLICIES = ("auto", *FINITE_LOSS_POLICIES)
 
@@ -185,8 +185,8 @@ class MSClipTrainer(Trainer):
             cached = gradcache_backward(
                 model, micro_batches, pretraining.clip_loss, backward_fn=lambda t: self.accelerator.backward(t / steps)
             )
-        scale = cached.loss_params[0].exp().clamp(max=pretraining.config.logit_scale_max)
-        self._accept_loss({objective: cached.loss, "logit_scale_exp": scale.reshape(())})
+        scale = logit_scale_exp(cached.loss_params[0], pretraining.config.logit_scale_max, torch.float32)
+        self._accept_loss({objective: cached.loss, "logit_scale_exp": scale})
         return cached.loss / steps
 
     # ------------------------------------------------------------------ loss
