@@ -771,6 +771,11 @@ def _captions_present(batch: dict[str, list[Any]], text_column: str) -> list[boo
     return [extract_caption(row, text_column) is not None for row in rows]
 
 
+def read_nonempty_lines(path: str | os.PathLike) -> list[str]:
+    """The stripped, non-empty lines of a text file (class names, prompt templates)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def images_decodable(images: list[Any]) -> list[bool]:
     """One flag per image: can it be decoded (batched `datasets` filter; a bad image drops its record)."""
     valid = []

@@ -44,7 +44,7 @@ from transformers import TrainerCallback
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessorMixin
 
-from .data_msclip import decode_image
+from .data_msclip import decode_image, read_nonempty_lines
 
 logger = logging.getLogger(__name__)
 
@@ -1283,13 +1283,6 @@ def evaluate_shapes_dataset(
     return results
 
 
-def _read_lines(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    return [line for line in lines if line]
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point: run the requested evaluations, print a table and write JSON."""
     parser = argparse.ArgumentParser(description="Evaluate an MS-CLIP checkpoint (zero-shot, retrieval, linear probe)")
@@ -1323,7 +1316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
     model, processor = load_model_and_processor(args.model, args.device)
-    class_names = _read_lines(args.class_names)
+    class_names = read_nonempty_lines(args.class_names) if args.class_names else None
     labelled = {"purpose": "classification", "label_column": args.label_column, "class_names": class_names}
     results: dict[str, Any] = {}
     if args.zero_shot_data:
@@ -1335,7 +1328,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             processor,
             dataset,
             class_names,
-            _read_lines(args.templates) or DEFAULT_TEMPLATES,
+            (read_nonempty_lines(args.templates) if args.templates else None) or DEFAULT_TEMPLATES,
             batch_size=args.batch_size,
         )
     if args.retrieval_data:

@@ -44,6 +44,7 @@ from .data_msclip import (
     decode_image,
     images_decodable,
     load_class_folder_dataset,
+    read_nonempty_lines,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
 from .loss_msclip import logit_scale_exp
@@ -204,10 +205,6 @@ def _pick(loaded: Any, split: str | None, source: str) -> datasets.Dataset:
             raise ValueError(f"{source} has no split {split!r}; its splits are {sorted(loaded)}")
         return loaded[split]
     return loaded
-
-
-def _read_lines(path: str | os.PathLike) -> list[str]:
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def load_classification_dataset(
@@ -529,7 +526,7 @@ def run_finetuning(
     set_seed(training_args.seed)
 
     stats = {"train": DataStats()}
-    class_names_file = _read_lines(data_args.class_names) if data_args.class_names else None
+    class_names_file = read_nonempty_lines(data_args.class_names) if data_args.class_names else None
     load_options = {
         "data_format": data_args.data_format,
         "image_column": data_args.image_column,
@@ -566,7 +563,9 @@ def run_finetuning(
         )
 
     if model_args.init_head_from_text:
-        templates = _read_lines(model_args.prompt_templates) if model_args.prompt_templates else DEFAULT_TEMPLATES
+        templates = (
+            read_nonempty_lines(model_args.prompt_templates) if model_args.prompt_templates else DEFAULT_TEMPLATES
+        )
         if not templates:
             raise ValueError(f"--prompt_templates {model_args.prompt_templates} holds no templates")
         tokenizer = getattr(processor, "tokenizer", None)

@@ -25,6 +25,7 @@ from .data_msclip import (
     TrainImageTransform,
     drop_bad_records,
     load_image_text_dataset,
+    read_nonempty_lines,
 )
 from .modeling_msclip import MSClipForPreTraining
 from .trainer_msclip import MSClipTrainer, MSClipTrainingArguments, parse_arguments_for_this_machine
@@ -238,9 +239,8 @@ class SeenSampleRecorder:
 
 
 def _read_list(value: str) -> list[str]:
-    path = Path(value)
-    if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if Path(value).is_file():
+        return read_nonempty_lines(value)
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
