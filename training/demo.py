@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,20 +43,19 @@ def prepare_data(folder: Path, num_train: int) -> Path:
     # Captions mostly name just colour and shape: with size and position in every caption a batch of 64 can be told
     # apart without looking at shapes, and contrastive learning then never learns them.
     DEMO_SHAPES = ShapesConfig(image_size=64, size_drop_probability=0.7, position_drop_probability=0.7)
+    splits = {"train": num_train, "validation": 200, "test": 600}
     if (folder / "shapes_info.json").is_file():
         info = load_shapes_info(folder)
-        if (
-            info.get("splits", {}).get("train") == num_train
-            and info.get("config", {}).get("size_drop_probability") == DEMO_SHAPES.size_drop_probability
-        ):
+        # Reused only if drawn with exactly these settings (compared as shapes_info.json stores them).
+        if info.get("splits") == splits and info.get("config") == json.loads(json.dumps(asdict(DEMO_SHAPES))):
             print(f"[demo] reusing the shapes dataset in {folder}")
             return folder
     print(f"[demo] drawing {num_train} training scenes into {folder}")
     write_shapes_dataset(
         folder,
-        num_train=num_train,
-        num_validation=200,
-        num_test=600,
+        num_train=splits["train"],
+        num_validation=splits["validation"],
+        num_test=splits["test"],
         config=DEMO_SHAPES,
         overwrite=folder.exists(),
     )
