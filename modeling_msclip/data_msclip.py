@@ -1042,7 +1042,9 @@ def _choose_split(available: Sequence[str], split: str | None, source: Any) -> s
     return split
 
 
-def _pick_split(loaded: Any, split: str | None, source: Any) -> datasets.Dataset | datasets.IterableDataset:
+def pick_split(loaded: Any, split: str | None, source: Any) -> datasets.Dataset | datasets.IterableDataset:
+    """``loaded`` itself, or its split ``split`` when it is a dataset dict (``None``: its only split; an error
+    naming the splits otherwise)."""
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return loaded[_choose_split(list(loaded), split, source)]
     return loaded
@@ -1255,7 +1257,7 @@ def load_image_text_dataset(
     if isinstance(
         source, (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
     ):
-        dataset = _pick_split(source, split, "The dataset")
+        dataset = pick_split(source, split, "The dataset")
         if streaming and isinstance(dataset, datasets.Dataset):
             dataset = _to_iterable(dataset)
         return prepare_image_text_columns(dataset, image_column=image_column, text_column=text_column)
@@ -1269,7 +1271,7 @@ def load_image_text_dataset(
         dataset = _load_webdataset(source, split, streaming, cache_dir, image_column, text_column)
         return dataset
     if format == "disk":
-        dataset = _pick_split(datasets.load_from_disk(source), split, source)
+        dataset = pick_split(datasets.load_from_disk(source), split, source)
         if streaming:
             dataset = _to_iterable(dataset)
         return prepare_image_text_columns(dataset, image_column=image_column, text_column=text_column)
@@ -1279,7 +1281,7 @@ def load_image_text_dataset(
         loaded = datasets.load_dataset(
             "imagefolder", **_imagefolder_files(source, split), split=split, streaming=streaming, cache_dir=cache_dir
         )
-        dataset = _pick_split(loaded, split, source)
+        dataset = pick_split(loaded, split, source)
         return prepare_image_text_columns(dataset, image_column="image", text_column=text_column)
     if format in ("csv", "tsv", "jsonl"):
         if not Path(source).is_file():
@@ -1300,7 +1302,7 @@ def load_image_text_dataset(
         )
     loaded = datasets.load_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
     return prepare_image_text_columns(
-        _pick_split(loaded, split, source), image_column=image_column, text_column=text_column
+        pick_split(loaded, split, source), image_column=image_column, text_column=text_column
     )
 
 
@@ -1337,7 +1339,7 @@ def load_class_folder_dataset(
         streaming=streaming,
         cache_dir=cache_dir,
     )
-    dataset = _pick_split(loaded, split, root).cast_column("image", IMAGE_FEATURE)
+    dataset = pick_split(loaded, split, root).cast_column("image", IMAGE_FEATURE)
     label_feature = dataset.features["label"]
     return dataset, [class_name_from_folder(name) for name in label_feature.names]
 

@@ -1181,7 +1181,7 @@ def load_eval_dataset(
     """
     import datasets
 
-    from .data_msclip import load_class_folder_dataset, load_image_text_dataset
+    from .data_msclip import load_class_folder_dataset, load_image_text_dataset, pick_split
     from .finetuning_msclip import labelled_folder_format, load_classification_dataset
 
     if purpose not in EVAL_PURPOSES:
@@ -1199,10 +1199,7 @@ def load_eval_dataset(
     saved_dataset = local.is_dir() and (local / "dataset_info.json").is_file() and (local / "state.json").is_file()
     if saved_dict or saved_dataset:
         dataset = datasets.load_from_disk(source)
-        if saved_dict:
-            if split is None or split not in dataset:
-                raise ValueError(f"{path} holds the splits {list(dataset)}; pass a split (--split) or point at one")
-            dataset = dataset[split]
+        dataset = pick_split(dataset, split, path)
         if purpose == "classification":
             dataset, _ = load_classification_dataset(dataset, **labelled)
     elif purpose == "classification":

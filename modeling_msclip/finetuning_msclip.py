@@ -44,6 +44,7 @@ from .data_msclip import (
     decode_image,
     images_decodable,
     load_class_folder_dataset,
+    pick_split,
     read_nonempty_lines,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
@@ -195,18 +196,6 @@ def _detect_data_format(source: str, split: str | None) -> str:
     return labelled_folder_format(path / split if split is not None and (path / split).is_dir() else path)
 
 
-def _pick(loaded: Any, split: str | None, source: str) -> datasets.Dataset:
-    if isinstance(loaded, datasets.DatasetDict):
-        if split is None:
-            if len(loaded) != 1:
-                raise ValueError(f"{source} has the splits {sorted(loaded)}: pass a split to choose one")
-            return next(iter(loaded.values()))
-        if split not in loaded:
-            raise ValueError(f"{source} has no split {split!r}; its splits are {sorted(loaded)}")
-        return loaded[split]
-    return loaded
-
-
 def load_classification_dataset(
     source: str | os.PathLike | datasets.Dataset,
     *,
@@ -239,13 +228,13 @@ def load_classification_dataset(
         if data_format == "classfolder":
             dataset, _ = load_class_folder_dataset(source, split=split)
         elif data_format == "disk":
-            dataset = _pick(datasets.load_from_disk(source), split, source)
+            dataset = pick_split(datasets.load_from_disk(source), split, source)
         elif data_format == "imagefolder":
             if split is not None and (Path(source) / split).is_dir():  # read only that split's folder
                 source, split = str(Path(source) / split), None
-            dataset = _pick(datasets.load_dataset("imagefolder", data_dir=source, split=split), split, source)
+            dataset = pick_split(datasets.load_dataset("imagefolder", data_dir=source, split=split), split, source)
         else:
-            dataset = _pick(datasets.load_dataset(source, split=split), split, source)
+            dataset = pick_split(datasets.load_dataset(source, split=split), split, source)
     for wanted, canonical in ((image_column, "image"), (label_column, "label")):
         if wanted not in dataset.column_names:
             raise ValueError(f"The {canonical} column {wanted!r} is not among the columns {dataset.column_names}")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from PIL import Image
@@ -117,6 +118,13 @@ def test_shapes_evaluation_equals_the_generic_evaluations(saved_model, shapes_di
     for key, value in retrieval.items():
         assert shapes["retrieval"][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
         assert from_shards[key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+    # A save_to_disk DatasetDict with one split loads like the other readers load it: that split, no --split needed.
+    datasets.DatasetDict({"test": captioned}).save_to_disk(str(folder.parent / "saved_dict"))
+    from_saved = ev.load_eval_dataset(folder.parent / "saved_dict", purpose="retrieval")
+    assert from_saved["text"] == captioned["text"]
+    with pytest.raises(ValueError, match="no split 'train'"):
+        ev.load_eval_dataset(folder.parent / "saved_dict", split="train", purpose="retrieval")
 
 
 def test_class_folders_with_splits_and_saved_datasets_give_the_same_zero_shot(saved_model, tmp_path):
