@@ -173,7 +173,7 @@ class MSClipAttention(nn.Module):
 
 def quick_gelu(hidden_states: torch.Tensor) -> torch.Tensor:
     """QuickGELU, ``x * sigmoid(1.702 x)``, written as ``silu(1.702 x) / 1.702``: the same function, but one fused
-    kernel whose backward keeps a single tensor (measured in docs/benchmarks.md: 0.8x activation memory, faster)."""
+    kernel whose backward keeps a single tensor instead of two (less step memory, see docs/benchmarks.md)."""
     return F.silu(hidden_states * 1.702) / 1.702
 
 
