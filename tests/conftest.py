@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+CLIP_VOCAB = SHARED_DIR / "reference" / "msclip_official" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @pytest.fixture(scope="session")
@@ -16,11 +17,10 @@ def msclip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved MS-CLIP tokenizer directory, built once per session from the shared CLIP BPE vocabulary."""
     from modeling_msclip.tokenization_msclip import build_msclip_tokenizer
 
-    vocab_path = SHARED_DIR / "reference" / "msclip_official" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
-    if not vocab_path.is_file():
-        raise FileNotFoundError(f"The shared CLIP BPE vocabulary is missing: {vocab_path}")
+    if not CLIP_VOCAB.is_file():
+        raise FileNotFoundError(f"The shared CLIP BPE vocabulary is missing: {CLIP_VOCAB}")
     output_dir = tmp_path_factory.mktemp("msclip_tokenizer")
-    build_msclip_tokenizer(vocab_path).save_pretrained(output_dir)
+    build_msclip_tokenizer(CLIP_VOCAB).save_pretrained(output_dir)
     return output_dir
 
 

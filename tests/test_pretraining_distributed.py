@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DIR, free_port
+from conftest import CLIP_VOCAB, free_port
 
 from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipModel, build_msclip_processor
 from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS_SCRIPT = REPO / "tests" / "scripts" / "pretrain_with_hooks.py"
-VOCAB = SHARED_DIR / "reference" / "msclip_official" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+VOCAB = CLIP_VOCAB
 NUM_SAMPLES = 48
 GLOBAL_BATCH = 16
 

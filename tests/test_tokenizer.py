@@ -11,14 +11,14 @@ import ftfy
 import pytest
 import regex
 import torch
-from conftest import SHARED_DIR
+from conftest import CLIP_VOCAB, SHARED_DIR
 from tokenizers import Tokenizer
 
 from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer, clean_caption
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_REFERENCE_DIR = SHARED_DIR / "reference" / "msclip_official" / "tokenizer"
-VOCAB_PATH = TOKENIZER_REFERENCE_DIR / "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_PATH = CLIP_VOCAB
 START_ID, END_ID, PAD_ID, CONTEXT = 49406, 49407, 0, 77
 
 
