@@ -33,7 +33,7 @@ from .modeling_msclip import (
     MSClipPreTrainingOutput,
 )
 from .processing_msclip import MSClipProcessor, build_msclip_processor
-from .tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer
+from .tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer, train_msclip_tokenizer
 
 AutoConfig.register(MSClipConfig.model_type, MSClipConfig, exist_ok=True)
 AutoModel.register(MSClipConfig, MSClipModel, exist_ok=True)
@@ -61,4 +61,5 @@ __all__ = [
     "available_presets",
     "build_msclip_processor",
     "build_msclip_tokenizer",
+    "train_msclip_tokenizer",
 ]

@@ -771,6 +771,40 @@ def _captions_present(batch: dict[str, list[Any]], text_column: str) -> list[boo
     return [extract_caption(row, text_column) is not None for row in rows]
 
 
+def iter_captions(
+    source: str | os.PathLike,
+    *,
+    format: str = "auto",
+    split: str | None = None,
+    text_column: str | None = None,
+    limit: int | None = None,
+) -> Iterator[str]:
+    """Every non-empty caption of an image-text dataset, read lazily without decoding images.
+
+    Reads any source `load_image_text_dataset` reads (streamed, so a large dataset is not loaded whole); a record
+    with several captions yields each of them. Used to train a tokenizer on one's own captions.
+
+    Args:
+        source: the dataset (image folder, CSV/TSV/JSONL, webdataset shards, saved dataset, Hub name).
+        format: one of `FORMATS`.
+        split: split to read (None: the only one).
+        text_column: caption column (auto-detected when None).
+        limit: stop after this many records.
+
+    Yields:
+        Stripped captions.
+    """
+    dataset = load_image_text_dataset(source, format=format, split=split, text_column=text_column, streaming=True)
+    for number, record in enumerate(dataset):
+        if limit is not None and number >= limit:
+            return
+        value = record.get("text")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            caption = _clean_caption_value(item)
+            if caption:
+                yield caption
+
+
 def read_nonempty_lines(path: str | os.PathLike) -> list[str]:
     """The stripped, non-empty lines of a text file (class names, prompt templates)."""
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]

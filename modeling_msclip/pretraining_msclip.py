@@ -44,10 +44,17 @@ class CheckpointArguments:
         default=None, metadata={"help": "Saved MS-CLIP checkpoint to start from (inference or pre-training)."}
     )
     processor_name_or_path: str | None = field(
-        default=None, metadata={"help": "Saved MSClipProcessor (default: the model folder, else built from --vocab)."}
+        default=None,
+        metadata={"help": "Saved MSClipProcessor (default: the model folder, else one from --tokenizer_name_or_path)."},
     )
-    vocab: str | None = field(
-        default=None, metadata={"help": "CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) to build a processor from."}
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--vocab"],
+            "help": "Tokenizer to build the processor from: a saved MSClipTokenizer folder (e.g. one trained with "
+            "processing/build_tokenizer.py --train-from), a CLIP tokenizer folder (vocab.json + merges.txt) or "
+            "bpe_simple_vocab_16e6.txt.gz. From a preset, the text tower's vocabulary follows it.",
+        },
     )
     image_preset: str = field(default="msclip", metadata={"help": "Image statistics: 'msclip' (ImageNet) or 'clip'."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
@@ -134,8 +141,8 @@ def parse_pretraining_arguments(
     return parse_arguments_for_this_machine(parser, argv)
 
 
-def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
-    """Start from a checkpoint, a config file or a preset; apply the requested objective."""
+def build_model_config(model_args: ModelArguments) -> MSClipConfig:
+    """The config of a checkpoint, a config file or a preset, with the requested objective and patch dropout."""
     sources = [s for s in (model_args.model_preset, model_args.model_config, model_args.model_name_or_path) if s]
     if len(sources) != 1:
         raise ValueError("give exactly one of --model_preset, --model_config, --model_name_or_path")
@@ -152,10 +159,54 @@ def build_model(model_args: ModelArguments) -> MSClipForPreTraining:
         objective.update(json.loads(model_args.objective_settings))
     config.objective = vars(MSClipObjectiveConfig.from_dict(objective))
     apply_patch_dropout(config, model_args.patch_dropout)
+    return config
+
+
+def build_model(
+    model_args: ModelArguments, tokenizer: Any | None = None, config: MSClipConfig | None = None
+) -> MSClipForPreTraining:
+    """Start from a checkpoint, a config file or a preset (``config``: `build_model_config`'s, built if None).
+
+    A model started from a preset or a config file gets the text vocabulary of ``tokenizer`` (its size and its start
+    and end ids); a checkpoint must already cover it (see `align_text_config_with_tokenizer`).
+    """
+    config = config if config is not None else build_model_config(model_args)
+    if tokenizer is not None:
+        align_text_config_with_tokenizer(config, tokenizer, resize=not model_args.model_name_or_path)
     kwargs = {"attn_implementation": model_args.attn_implementation}
     if model_args.model_name_or_path:
         return MSClipForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
     return MSClipForPreTraining._from_config(config, **kwargs)
+
+
+def align_text_config_with_tokenizer(config: MSClipConfig, tokenizer: Any, resize: bool) -> None:
+    """Give the text tower the vocabulary of ``tokenizer`` (``resize=True``) or check that it covers it.
+
+    The text tower pools at ``argmax(input_ids)``, so the tokenizer's end token must be its largest id, and every id
+    must index the embedding table.
+
+    Raises:
+        ValueError: naming both vocabularies, when the tokenizer's end token is not its largest id, or when
+            ``resize`` is False and the tokenizer has ids past the model's embedding table.
+    """
+    text = config.text_config
+    vocab_size, bos, eos = len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos != vocab_size - 1:
+        raise ValueError(f"the tokenizer's end token has id {eos}, not its largest id {vocab_size - 1}")
+    if resize:
+        text.vocab_size, text.bos_token_id, text.eos_token_id = vocab_size, bos, eos
+        return
+    if vocab_size > text.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but the checkpoint's text embedding only {text.vocab_size}: use "
+            "the checkpoint's own processor (or the tokenizer it was trained with)"
+        )
+    if eos != text.eos_token_id:
+        logger.warning(
+            "the tokenizer's end id %d is not the checkpoint's %d: was the checkpoint trained with this tokenizer?",
+            eos,
+            text.eos_token_id,
+        )
 
 
 def apply_patch_dropout(config: MSClipConfig, patch_dropout: float | None) -> None:
@@ -167,7 +218,8 @@ def apply_patch_dropout(config: MSClipConfig, patch_dropout: float | None) -> No
 
 
 def build_processor(model_args: CheckpointArguments, image_size: int, require_tokenizer: bool = True) -> Any:
-    """The processor of ``--processor_name_or_path`` or of the checkpoint folder, else one built from ``--vocab``.
+    """The processor of ``--processor_name_or_path`` or of the checkpoint folder, else one built from
+    ``--tokenizer_name_or_path``.
 
     With ``require_tokenizer=False`` (image classification) a folder holding only an image processor, or finally an
     ``--image_preset`` image processor at ``image_size``, is accepted too.
@@ -182,13 +234,17 @@ def build_processor(model_args: CheckpointArguments, image_size: int, require_to
         image_configs = ("processor_config.json", "preprocessor_config.json")
         if not require_tokenizer and any((Path(source) / name).is_file() for name in image_configs):
             return AutoImageProcessor.from_pretrained(source)
-    if model_args.vocab:
+    if model_args.tokenizer_name_or_path:
         from .processing_msclip import build_msclip_processor
 
-        return build_msclip_processor(model_args.vocab, preset=model_args.image_preset, image_size=image_size)
+        return build_msclip_processor(
+            model_args.tokenizer_name_or_path, preset=model_args.image_preset, image_size=image_size
+        )
     if not require_tokenizer:
         return MSClipImageProcessor.from_preset(model_args.image_preset, image_size=image_size)
-    raise ValueError("no processor: pass --processor_name_or_path, a --model_name_or_path holding one, or --vocab")
+    raise ValueError(
+        "no processor: pass --processor_name_or_path, a --model_name_or_path holding one, or --tokenizer_name_or_path"
+    )
 
 
 class DataStatsCallback(TrainerCallback):
@@ -307,8 +363,9 @@ def run_pretraining(
     """
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)
-    model = build_model(model_args)
-    processor = build_processor(model_args, model.config.vision_config.image_size)
+    config = build_model_config(model_args)
+    processor = build_processor(model_args, config.vision_config.image_size)
+    model = build_model(model_args, processor.tokenizer, config)
     stats = DataStats()
     train_dataset, eval_dataset = build_datasets(data_args, stats)
     image_processor = processor.image_processor
@@ -358,7 +415,9 @@ __all__ = [
     "CheckpointArguments",
     "DataArguments",
     "ModelArguments",
+    "align_text_config_with_tokenizer",
     "build_model",
+    "build_model_config",
     "build_processor",
     "parse_pretraining_arguments",
     "run_pretraining",

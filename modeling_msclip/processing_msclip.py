@@ -76,12 +76,16 @@ class MSClipProcessor(ProcessorMixin):
 
 
 def build_msclip_processor(
-    vocab_path: str | os.PathLike, preset: str = "msclip", image_size: int = 224, **tokenizer_kwargs: Any
+    tokenizer_source: str | os.PathLike, preset: str = "msclip", image_size: int = 224, **tokenizer_kwargs: Any
 ) -> MSClipProcessor:
-    """A processor from the CLIP BPE file and an image preset (``"msclip"``: ImageNet statistics, ``"clip"``)."""
+    """A processor from a tokenizer source and an image preset (``"msclip"``: ImageNet statistics, ``"clip"``).
+
+    ``tokenizer_source`` is anything ``build_msclip_tokenizer`` takes: the CLIP BPE file, a CLIP tokenizer folder
+    (``vocab.json`` + ``merges.txt``) or a saved ``MSClipTokenizer`` folder.
+    """
     return MSClipProcessor(
         image_processor=MSClipImageProcessor.from_preset(preset, image_size=image_size),
-        tokenizer=build_msclip_tokenizer(vocab_path, **tokenizer_kwargs),
+        tokenizer=build_msclip_tokenizer(tokenizer_source, **tokenizer_kwargs),
     )
 
 

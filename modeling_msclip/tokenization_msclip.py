@@ -14,9 +14,13 @@ copied next to saved checkpoints and imported by ``trust_remote_code=True`` wher
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
+import json
+import logging
 import os
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,11 @@ CONTEXT_LENGTH = 77
 PAD_TOKEN_ID = 0
 NUM_MERGES = 49152 - 256 - 2
 VOCAB_SIZE = 49408
+# Every vocabulary here starts with the 256 byte symbols and the same 256 with "</w>", and ends with the two special
+# tokens, so that any text can be encoded and the end token has the largest id.
+NUM_BASE_TOKENS = 2 * 256 + 2
+
+logger = logging.getLogger(__name__)
 TRUNCATION_STYLES = ("keep_end", "official")
 
 # The official splitting pattern, flags included; applied to cleaned, lowercased text.
@@ -99,6 +108,30 @@ def bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(code_point) for byte, code_point in zip(byte_values, code_points)}
 
 
+def clip_vocabulary(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
+    """The token-to-id dictionary of a CLIP-style BPE with ``merges``, in CLIP's id order.
+
+    Ids run over the 256 byte symbols, the same 256 with ``</w>``, one token per merge (its two halves joined) and
+    finally ``<|startoftext|>`` and ``<|endoftext|>``: pad id 0 is a byte, and the end token has the largest id, which
+    is where the model pools text (``argmax(input_ids)``).
+
+    Args:
+        merges: BPE merges in rank order.
+
+    Returns:
+        The vocabulary: the 514 base entries and one for each distinct merged token.
+    """
+    byte_symbols = list(bytes_to_unicode().values())
+    tokens = byte_symbols + [symbol + END_OF_WORD_SUFFIX for symbol in byte_symbols]
+    # Two merges can make the same string ("ab"+"c", "a"+"bc"); the token keeps the id of the first.
+    tokens += list(dict.fromkeys("".join(merge) for merge in merges))
+    tokens += [START_OF_TEXT, END_OF_TEXT]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("a merge produces a byte symbol or a special token: this is not a valid BPE merge list")
+    return vocab
+
+
 def load_clip_bpe(vocab_path: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Read OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` and build the vocabulary and merge list from it.
 
@@ -121,15 +154,169 @@ def load_clip_bpe(vocab_path: str | os.PathLike) -> tuple[dict[str, int], list[t
     merges = [tuple(line.split()) for line in merge_lines]
     if len(merges) != NUM_MERGES or any(len(merge) != 2 for merge in merges):
         raise ValueError(f"{vocab_path} does not hold {NUM_MERGES} two-symbol merges after its header line")
-
-    byte_symbols = list(bytes_to_unicode().values())
-    tokens = byte_symbols + [symbol + END_OF_WORD_SUFFIX for symbol in byte_symbols]
-    tokens += ["".join(merge) for merge in merges]
-    tokens += [START_OF_TEXT, END_OF_TEXT]
-    vocab = {token: index for index, token in enumerate(tokens)}
+    vocab = clip_vocabulary(merges)
     if len(vocab) != VOCAB_SIZE:
         raise ValueError(f"{vocab_path} yields {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
     return vocab, merges
+
+
+def load_clip_vocab_directory(directory: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Read a transformers ``CLIPTokenizer`` / ``CLIPTokenizerFast`` directory (``vocab.json`` + ``merges.txt``).
+
+    Such a directory is what a local copy of an ``openai/clip-vit-*`` repository holds; its ids are CLIP's.
+
+    Args:
+        directory: folder with ``vocab.json`` (token to id) and ``merges.txt`` (a ``#version`` line, then one
+            merge per line).
+
+    Returns:
+        ``(vocab, merges)`` as ``load_clip_bpe`` returns them.
+
+    Raises:
+        FileNotFoundError: when either file is missing.
+        ValueError: when the files do not describe a CLIP byte-level BPE whose end token has the largest id.
+    """
+    directory = Path(directory)
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    for path in (vocab_file, merges_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a CLIP tokenizer directory: {path.name} is missing")
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    merges = []
+    for number, line in enumerate(merges_file.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        merge = tuple(line.split())
+        if len(merge) != 2:
+            raise ValueError(f"{merges_file}:{number} is not a merge of two symbols: {line!r}")
+        merges.append(merge)
+    _check_clip_vocabulary(vocab, str(vocab_file))
+    return vocab, merges
+
+
+def _check_clip_vocabulary(vocab: dict[str, int], source: str) -> None:
+    """Raise a ValueError unless ``vocab`` has CLIP's special tokens, the end token last and ids ``0..n-1``."""
+    for token in (START_OF_TEXT, END_OF_TEXT):
+        if token not in vocab:
+            raise ValueError(f"{source} has no {token} token: it is not a CLIP vocabulary")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"{source}: the token ids are not 0..{len(vocab) - 1}")
+    if vocab[END_OF_TEXT] != len(vocab) - 1:
+        raise ValueError(
+            f"{source}: {END_OF_TEXT} has id {vocab[END_OF_TEXT]}, not the largest id {len(vocab) - 1}; MS-CLIP pools "
+            "text at argmax(input_ids), so the end token must have the largest id"
+        )
+
+
+def _word_counts(texts: Iterable[str]) -> Counter[str]:
+    """How often each ``split_caption`` piece occurs in ``texts`` (literal special tokens left out)."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(piece for piece in split_caption(text) if piece not in (START_OF_TEXT, END_OF_TEXT))
+    return counts
+
+
+def train_clip_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn CLIP-style BPE merges from captions, deterministically.
+
+    The captions go through exactly the pipeline the tokenizer applies (``split_caption``: ftfy, HTML unescaping,
+    lowercasing, the CLIP regular expression). Each distinct piece becomes a word of byte-level symbols whose last
+    symbol carries ``</w>``, as CLIP's BPE starts from; then the most frequent adjacent pair (summed over words) is
+    merged, again and again. Ties go to the smallest pair in string order, so the same captions always give the
+    same merges (the ``tokenizers`` trainer breaks ties by hash order and does not). The vocabulary is laid out like
+    CLIP's (``clip_vocabulary``), so every text still encodes (bytes are always in it) and the end token has the
+    largest id.
+
+    Args:
+        texts: the captions (any iterable; read once).
+        vocab_size: the vocabulary size wanted, special tokens included (at least 515: the 514 base tokens and one
+            merge). A corpus with fewer pairs of ``min_frequency`` than that stops early, with a warning.
+        min_frequency: a pair must occur this often to be merged.
+
+    Returns:
+        ``(vocab, merges)`` as ``load_clip_bpe`` returns them.
+    """
+    if vocab_size <= NUM_BASE_TOKENS:
+        raise ValueError(
+            f"vocab_size must be more than {NUM_BASE_TOKENS} (256 bytes, 256 bytes with </w> and the start and end "
+            f"tokens), got {vocab_size}"
+        )
+    num_merges = vocab_size - NUM_BASE_TOKENS
+    byte_symbol = bytes_to_unicode()
+    words: list[list[str]] = []
+    frequencies: list[int] = []
+    for piece, frequency in _word_counts(texts).items():
+        symbols = [byte_symbol[b] for b in piece.encode("utf-8")]
+        symbols[-1] += END_OF_WORD_SUFFIX
+        words.append(symbols)
+        frequencies.append(frequency)
+
+    pair_counts: dict[tuple[str, str], int] = defaultdict(int)
+    words_with_pair: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for index, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += frequencies[index]
+            words_with_pair[pair].add(index)
+    # A max-heap on (count, smallest pair); entries whose count has changed since are skipped when popped.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    new_tokens: set[str] = set()
+    while heap and len(new_tokens) < num_merges:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -negative_count:
+            continue
+        if -negative_count < min_frequency:
+            break
+        merges.append(pair)
+        new_tokens.add(pair[0] + pair[1])
+        changed: set[tuple[str, str]] = set()
+        for index in sorted(words_with_pair.pop(pair)):
+            old = words[index]
+            new = _merge_pair(old, pair)
+            for old_pair in zip(old, old[1:]):
+                pair_counts[old_pair] -= frequencies[index]
+                changed.add(old_pair)
+            for new_pair in zip(new, new[1:]):
+                pair_counts[new_pair] += frequencies[index]
+                words_with_pair[new_pair].add(index)
+                changed.add(new_pair)
+            for old_pair in set(zip(old, old[1:])) - set(zip(new, new[1:])):
+                words_with_pair[old_pair].discard(index)
+            words[index] = new
+        for changed_pair in changed:
+            count = pair_counts[changed_pair]
+            if count > 0:
+                heapq.heappush(heap, (-count, changed_pair))
+            else:
+                pair_counts.pop(changed_pair)
+                words_with_pair.pop(changed_pair, None)
+    if not merges:
+        raise ValueError("no BPE merge could be learned: the captions are empty or every pair is below min_frequency")
+    if len(new_tokens) < num_merges:
+        logger.warning(
+            "the captions give only %d merges (min_frequency=%d): the vocabulary has %d tokens, not %d",
+            len(merges),
+            min_frequency,
+            len(new_tokens) + NUM_BASE_TOKENS,
+            vocab_size,
+        )
+    return clip_vocabulary(merges), merges
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """``symbols`` with every non-overlapping occurrence of ``pair``, left to right, joined into one symbol."""
+    merged, index = [], 0
+    while index < len(symbols):
+        if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == pair:
+            merged.append(symbols[index] + symbols[index + 1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return merged
 
 
 def _post_processor(vocab: dict[str, int]) -> processors.PostProcessor:
@@ -212,7 +399,8 @@ class MSClipTokenizer(TokenizersBackend):
     (``truncation_style="keep_end"``: the first 75 caption ids between start and end); ``truncation_style="official"``
     reproduces the official rows, which keep the first 77 ids and lose the end token.
 
-    Build it from the CLIP merges file with ``build_msclip_tokenizer`` or load a saved one with ``from_pretrained``.
+    Build it from the CLIP vocabulary with ``build_msclip_tokenizer``, train one on your captions with
+    ``train_msclip_tokenizer`` (or ``train_new_from_iterator``), or load a saved one with ``from_pretrained``.
 
     Args:
         vocab: token-to-id dictionary (with ``merges``) when building from scratch; see ``load_clip_bpe``.
@@ -383,6 +571,38 @@ class MSClipTokenizer(TokenizersBackend):
             return_tensors=return_tensors,
         )
 
+    def train_new_from_iterator(
+        self,
+        text_iterator: Iterable[str] | Iterable[list[str]],
+        vocab_size: int,
+        length: int | None = None,
+        new_special_tokens: list[str] | None = None,
+        special_tokens_map: dict[str, str] | None = None,
+        min_frequency: int = 2,
+        **kwargs: Any,
+    ) -> MSClipTokenizer:
+        """A new tokenizer of this kind with merges learned from ``text_iterator`` (see ``train_msclip_tokenizer``).
+
+        Keeps this tokenizer's truncation style and context length. ``text_iterator`` may yield captions or lists of
+        captions (batches), as in transformers. Extra special tokens are not supported: MS-CLIP has exactly two.
+        """
+        if new_special_tokens or special_tokens_map:
+            raise ValueError("MSClipTokenizer has exactly two special tokens; new_special_tokens is not supported")
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+
+        def captions() -> Iterator[str]:
+            for item in text_iterator:
+                yield from ([item] if isinstance(item, str) else item)
+
+        return train_msclip_tokenizer(
+            captions(),
+            vocab_size,
+            min_frequency=min_frequency,
+            truncation_style=self.truncation_style,
+            model_max_length=self.model_max_length,
+        )
+
     def _decode(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
         """Decode like the official ``SimpleTokenizer.decode``; with ``skip_special_tokens`` also drop the padding."""
         if skip_special_tokens and isinstance(token_ids, list):
@@ -414,17 +634,63 @@ def _check_truncation_style(style: str) -> None:
         raise ValueError(f"truncation_style must be one of {TRUNCATION_STYLES}, got {style!r}")
 
 
-def build_msclip_tokenizer(vocab_path: str | os.PathLike, **kwargs: Any) -> MSClipTokenizer:
-    """Build the MS-CLIP tokenizer from OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz``.
+def build_msclip_tokenizer(source: str | os.PathLike, **kwargs: Any) -> MSClipTokenizer:
+    """Build the MS-CLIP tokenizer from a CLIP vocabulary, wherever users have it, or load a saved one.
 
     Args:
-        vocab_path: path to the gzipped CLIP merges file (also shipped by the official MS-CLIP repository).
+        source: one of
+            - OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (also shipped by the official MS-CLIP repository);
+            - a transformers ``CLIPTokenizer`` / ``CLIPTokenizerFast`` directory (``vocab.json`` + ``merges.txt``,
+              e.g. a local copy of an ``openai/clip-vit-*`` repository): the same ids as the file above;
+            - a directory saved by ``MSClipTokenizer.save_pretrained`` (for example one trained with
+              ``train_msclip_tokenizer``).
         **kwargs: passed to ``MSClipTokenizer`` (for example ``truncation_style="official"``).
 
     Returns:
         A ready ``MSClipTokenizer``; ``save_pretrained`` writes a directory that ``AutoTokenizer`` can load.
     """
-    vocab, merges = load_clip_bpe(vocab_path)
+    path = Path(source)
+    if path.is_dir():
+        config_file = path / "tokenizer_config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "MSClipTokenizer":
+            return MSClipTokenizer.from_pretrained(path, **kwargs)
+        if (path / "vocab.json").is_file() or (path / "merges.txt").is_file():
+            vocab, merges = load_clip_vocab_directory(path)
+            return MSClipTokenizer(vocab=vocab, merges=merges, **kwargs)
+        raise FileNotFoundError(
+            f"{path} holds neither a saved MSClipTokenizer (tokenizer_config.json naming MSClipTokenizer) nor a CLIP "
+            "tokenizer (vocab.json + merges.txt)"
+        )
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer source not found: {path} (give bpe_simple_vocab_16e6.txt.gz, a CLIP tokenizer directory with "
+            "vocab.json + merges.txt, or a saved MSClipTokenizer directory)"
+        )
+    vocab, merges = load_clip_bpe(path)
+    return MSClipTokenizer(vocab=vocab, merges=merges, **kwargs)
+
+
+def train_msclip_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, **kwargs: Any
+) -> MSClipTokenizer:
+    """Train an MS-CLIP tokenizer on your own captions (a domain or non-English vocabulary, or a small one).
+
+    The tokenizer works like the CLIP one in every respect but its merges (see ``train_clip_bpe``): the same
+    cleaning and splitting, byte-level BPE with ``</w>`` marks, start/end tokens (the two largest ids), padding with
+    id 0 and 77 positions. Set the model's ``text_config.vocab_size`` to ``len(tokenizer)`` and its
+    ``bos_token_id`` / ``eos_token_id`` to the tokenizer's (``run_pretrain.py`` does so when it starts from a
+    preset).
+
+    Args:
+        texts: the training captions (any iterable of strings; read once).
+        vocab_size: vocabulary size wanted, special tokens included (more than 514).
+        min_frequency: a pair must occur this often to be merged.
+        **kwargs: passed to ``MSClipTokenizer`` (for example ``truncation_style``).
+
+    Returns:
+        The trained ``MSClipTokenizer``.
+    """
+    vocab, merges = train_clip_bpe(texts, vocab_size, min_frequency=min_frequency)
     return MSClipTokenizer(vocab=vocab, merges=merges, **kwargs)
 
 
@@ -436,6 +702,10 @@ __all__ = [
     "MSClipTokenizer",
     "build_msclip_tokenizer",
     "clean_caption",
+    "clip_vocabulary",
     "load_clip_bpe",
+    "load_clip_vocab_directory",
     "split_caption",
+    "train_clip_bpe",
+    "train_msclip_tokenizer",
 ]

@@ -1,7 +1,14 @@
-"""Build the MS-CLIP tokenizer directory from OpenAI CLIP's BPE merges file.
+"""Build an MS-CLIP tokenizer directory: from the CLIP vocabulary, or trained on your own captions.
 
 Usage:
     python processing/build_tokenizer.py --vocab bpe_simple_vocab_16e6.txt.gz --output tokenizer/ [--overwrite]
+    python processing/build_tokenizer.py --vocab path/to/clip-vit-base-patch32 --output tokenizer/
+    python processing/build_tokenizer.py --train-from captions.jsonl --vocab-size 8192 --output tokenizer/
+
+``--vocab`` takes OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` or a transformers CLIP tokenizer directory
+(``vocab.json`` + ``merges.txt``); both give the official ids. ``--train-from`` learns new merges from the captions
+of any dataset the data layer reads (JSONL/CSV/TSV tables, image folders with ``metadata.jsonl``, webdataset shards,
+saved datasets; see docs/data.md), e.g. for non-English or domain text.
 
 The output directory loads with ``AutoTokenizer.from_pretrained(output)`` once ``modeling_msclip`` is imported, or
 with ``trust_remote_code=True`` anywhere (``tokenization_msclip.py`` is copied into it). The merges file itself is
@@ -16,10 +23,11 @@ import sys
 from pathlib import Path
 
 try:
-    from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer
+    import modeling_msclip  # noqa: F401
 except ModuleNotFoundError:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer
+from modeling_msclip.data_msclip import FORMATS, iter_captions
+from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer, train_msclip_tokenizer
 
 # SHA-256 of OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz (identical in the MS-CLIP repository).
 OFFICIAL_VOCAB_SHA256 = "fc496842c2d4b6e40b2bd1207a5ded6e425e6a7cf9c16afa86caa5d7d12df233"
@@ -39,7 +47,17 @@ def file_sha256(path: Path) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=Path, required=True, help="path to bpe_simple_vocab_16e6.txt.gz")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--vocab", type=Path, help="bpe_simple_vocab_16e6.txt.gz, or a CLIP tokenizer folder (vocab.json + merges.txt)"
+    )
+    source.add_argument("--train-from", help="dataset whose captions to learn the merges from (any data format)")
+    parser.add_argument("--vocab-size", type=int, help="with --train-from: vocabulary size, special tokens included")
+    parser.add_argument("--min-frequency", type=int, default=2, help="with --train-from: least count of a merged pair")
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="with --train-from: the dataset's format")
+    parser.add_argument("--split", help="with --train-from: the split to read (default: the only one)")
+    parser.add_argument("--text-column", help="with --train-from: the caption column (default: detected)")
+    parser.add_argument("--max-records", type=int, help="with --train-from: read at most this many records")
     parser.add_argument("--output", type=Path, required=True, help="directory to write the tokenizer into")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
     parser.add_argument(
@@ -54,8 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Build, save and verify the tokenizer; return the process exit status."""
     args = parse_args(argv)
-    if not args.vocab.is_file():
-        print(f"error: vocabulary file not found: {args.vocab}", file=sys.stderr)
+    if args.train_from is not None and args.vocab_size is None:
+        print("error: --train-from needs --vocab-size", file=sys.stderr)
+        return 2
+    if args.vocab is not None and not args.vocab.exists():
+        print(f"error: vocabulary not found: {args.vocab}", file=sys.stderr)
         return 2
     if args.output.exists() and not args.output.is_dir():
         print(f"error: --output {args.output} exists and is not a directory", file=sys.stderr)
@@ -64,13 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --output {args.output} is not empty; pass --overwrite to write into it", file=sys.stderr)
         return 2
 
-    digest = file_sha256(args.vocab)
-    if digest != OFFICIAL_VOCAB_SHA256:
-        print(f"warning: {args.vocab} has SHA-256 {digest}, not the official CLIP file's", file=sys.stderr)
-
     try:
-        tokenizer = build_msclip_tokenizer(args.vocab, truncation_style=args.truncation_style)
-    except ValueError as error:
+        if args.train_from is not None:
+            captions = iter_captions(
+                args.train_from,
+                format=args.format,
+                split=args.split,
+                text_column=args.text_column,
+                limit=args.max_records,
+            )
+            tokenizer = train_msclip_tokenizer(
+                captions, args.vocab_size, min_frequency=args.min_frequency, truncation_style=args.truncation_style
+            )
+        else:
+            if args.vocab.is_file() and (digest := file_sha256(args.vocab)) != OFFICIAL_VOCAB_SHA256:
+                print(f"warning: {args.vocab} has SHA-256 {digest}, not the official CLIP file's", file=sys.stderr)
+            tokenizer = build_msclip_tokenizer(args.vocab, truncation_style=args.truncation_style)
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)

@@ -1,25 +1,62 @@
 """Fixtures shared by several test files. Keep this file small: one-file fixtures belong in their test file.
 
-SHARED_DIR is the read-only reference material next to the repository (../shared); tests read it, never copy it.
+REFERENCE_DIR is the official MS-CLIP reference material next to the repository (../shared), which exists here and in
+CI but on no user's machine. Tests read it, never copy it; a test that needs it is marked `needs_reference` and is
+skipped, with the missing path as the reason, where it is absent (`.ci/run` refuses to run without it).
 """
 
+import itertools
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-CLIP_VOCAB = SHARED_DIR / "reference" / "msclip_official" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+REFERENCE_DIR = SHARED_DIR / "reference" / "msclip_official"
+CLIP_VOCAB = REFERENCE_DIR / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+needs_reference = pytest.mark.skipif(
+    not REFERENCE_DIR.is_dir(), reason=f"needs the official MS-CLIP reference data: {REFERENCE_DIR} is missing"
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``MSCLIP_REQUIRE_REFERENCE=1`` (set by `.ci/run`) a missing reference folder stops the run instead of
+    skipping the tests that need it."""
+    if os.environ.get("MSCLIP_REQUIRE_REFERENCE") == "1" and not REFERENCE_DIR.is_dir():
+        pytest.exit(f"MSCLIP_REQUIRE_REFERENCE=1 but {REFERENCE_DIR} is missing", returncode=4)
+
+
+# Captions for the suite's own tokenizer: enough text for a few hundred merges, and every word the tests' captions use
+# is a handful of tokens at most. Any other text still encodes through the byte symbols.
+_SUBJECTS = ("cat", "dog", "bird", "car", "tree", "house", "person", "circle", "square", "triangle", "star", "cross")
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white")
+_PHRASES = ("a photo of a", "a picture of a", "there is a", "an image of a", "a small", "a large")
+TOKENIZER_CORPUS = [
+    f"{phrase} {colour} {subject} on the {side}, hello world!"
+    for phrase, colour, subject, side in itertools.product(_PHRASES, _COLOURS, _SUBJECTS, ("left", "right"))
+]
+TOKENIZER_VOCAB_SIZE = 600
 
 
 @pytest.fixture(scope="session")
 def msclip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved MS-CLIP tokenizer directory, built once per session from the shared CLIP BPE vocabulary."""
+    """A saved MS-CLIP tokenizer trained on `TOKENIZER_CORPUS` (no reference data needed), built once per session."""
+    from modeling_msclip.tokenization_msclip import train_msclip_tokenizer
+
+    output_dir = tmp_path_factory.mktemp("msclip_tokenizer")
+    train_msclip_tokenizer(TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE).save_pretrained(output_dir)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved MS-CLIP tokenizer with CLIP's official vocabulary (skipped where the reference data is absent)."""
     from modeling_msclip.tokenization_msclip import build_msclip_tokenizer
 
     if not CLIP_VOCAB.is_file():
-        raise FileNotFoundError(f"The shared CLIP BPE vocabulary is missing: {CLIP_VOCAB}")
-    output_dir = tmp_path_factory.mktemp("msclip_tokenizer")
+        pytest.skip(f"needs the official CLIP BPE vocabulary: {CLIP_VOCAB} is missing")
+    output_dir = tmp_path_factory.mktemp("clip_tokenizer")
     build_msclip_tokenizer(CLIP_VOCAB).save_pretrained(output_dir)
     return output_dir
 

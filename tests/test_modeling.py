@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE_DIR, needs_reference
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
 
@@ -17,7 +17,7 @@ from modeling_msclip import MSClipConfig, MSClipForImageClassification, MSClipMo
 from modeling_msclip.convert_original_msclip import ConversionError, convert_state_dict, load_official_config
 from modeling_msclip.convert_original_msclip import main as convert_official_main
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "msclip_official"
+REFERENCE = REFERENCE_DIR
 TOLERANCE = 1e-5
 
 
@@ -62,6 +62,7 @@ def tiny_inputs(config: MSClipConfig, batch: int = 3, seed: int = 0) -> dict[str
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@needs_reference
 def test_converted_reference_reproduces_every_official_output(converted, attn_implementation):
     name, output = converted
     model = MSClipModel.from_pretrained(output, attn_implementation=attn_implementation).eval()
@@ -128,6 +129,7 @@ def test_converted_reference_reproduces_every_official_output(converted, attn_im
     assert max_diff(truncated, expected["text_embeds_unnorm_truncated"]) <= TOLERANCE
 
 
+@needs_reference
 def test_trimmed_text_equals_full_width_text(converted):
     name, output = converted
     model = MSClipModel.from_pretrained(output, attn_implementation="eager").eval()
@@ -145,6 +147,7 @@ def test_trimmed_text_equals_full_width_text(converted):
     assert max_diff(trimmed.pooler_output, full.pooler_output) <= 1e-6
 
 
+@needs_reference
 def test_converted_config_equals_preset():
     """The converter's reading of the official tiny config yields exactly our tiny presets' architecture."""
     from modeling_msclip.convert_original_msclip import config_from_official
@@ -166,6 +169,7 @@ def test_converted_config_equals_preset():
         ("clip-b32", "b32.yaml"),
     ],
 )
+@needs_reference
 def test_full_size_unique_parameter_counts_match_official_manifests(preset, manifest):
     summary = json.loads((REFERENCE / "manifests" / "summary.json").read_text())
     with torch.device("meta"):
@@ -181,6 +185,7 @@ def test_full_size_unique_parameter_counts_match_official_manifests(preset, mani
 # ------------------------------------------------------------------------------------------------- converter errors
 
 
+@needs_reference
 def test_official_converter_rejects_bad_checkpoints():
     config = MSClipConfig.from_preset("msclip-s-tiny")
     state = load_file(REFERENCE / "msclip_s_tiny" / "state_dict.safetensors")
@@ -194,6 +199,7 @@ def test_official_converter_rejects_bad_checkpoints():
         convert_state_dict(tampered, config)
 
 
+@needs_reference
 def test_official_converter_reads_pth_with_prefixes_and_yaml_base(tmp_path):
     import yaml
 

@@ -11,16 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIP_VOCAB, free_port
+from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE, free_port
 
-from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipModel, build_msclip_processor
+from modeling_msclip import (
+    MSClipConfig,
+    MSClipForPreTraining,
+    MSClipImageProcessor,
+    MSClipModel,
+    MSClipProcessor,
+    train_msclip_tokenizer,
+)
+from modeling_msclip.pretraining_msclip import align_text_config_with_tokenizer
 from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS_SCRIPT = REPO / "tests" / "scripts" / "pretrain_with_hooks.py"
-VOCAB = CLIP_VOCAB
 NUM_SAMPLES = 48
 GLOBAL_BATCH = 16
 
@@ -31,9 +38,13 @@ def workspace(tmp_path_factory):
     write_shapes_dataset(
         root / "shapes", num_train=NUM_SAMPLES, num_validation=8, num_test=8, config=ShapesConfig(image_size=64)
     )
+    tokenizer = train_msclip_tokenizer(TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE)
+    config = MSClipConfig.from_preset("msclip-s-tiny")
+    align_text_config_with_tokenizer(config, tokenizer, resize=True)
     torch.manual_seed(0)
-    MSClipForPreTraining(MSClipConfig.from_preset("msclip-s-tiny")).save_pretrained(root / "init")
-    build_msclip_processor(VOCAB, image_size=64).save_pretrained(root / "init")
+    MSClipForPreTraining(config).save_pretrained(root / "init")
+    image_processor = MSClipImageProcessor.from_preset("msclip", image_size=64)
+    MSClipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "init")
     return root
 
 

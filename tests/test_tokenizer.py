@@ -11,15 +11,17 @@ import ftfy
 import pytest
 import regex
 import torch
-from conftest import CLIP_VOCAB, SHARED_DIR
+from conftest import CLIP_VOCAB, REFERENCE_DIR, needs_reference
 from tokenizers import Tokenizer
 
 from modeling_msclip.tokenization_msclip import MSClipTokenizer, build_msclip_tokenizer, clean_caption
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_REFERENCE_DIR = SHARED_DIR / "reference" / "msclip_official" / "tokenizer"
+TOKENIZER_REFERENCE_DIR = REFERENCE_DIR / "tokenizer"
 VOCAB_PATH = CLIP_VOCAB
 START_ID, END_ID, PAD_ID, CONTEXT = 49406, 49407, 0, 77
+# Every test here compares with the official ids or builds from the official vocabulary.
+pytestmark = needs_reference
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ def reference() -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(msclip_tokenizer_dir: Path) -> MSClipTokenizer:
-    return MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
+def tokenizer(clip_tokenizer_dir: Path) -> MSClipTokenizer:
+    return MSClipTokenizer.from_pretrained(clip_tokenizer_dir)
 
 
 def load_build_tokenizer_cli():
@@ -100,8 +102,8 @@ def test_over_length_captions_keep_their_end_token(tokenizer, reference):
         assert int(torch.tensor(row).argmax()) == 76
 
 
-def test_official_truncation_style_reproduces_every_official_row(tokenizer, reference, msclip_tokenizer_dir):
-    official = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir, truncation_style="official")
+def test_official_truncation_style_reproduces_every_official_row(tokenizer, reference, clip_tokenizer_dir):
+    official = MSClipTokenizer.from_pretrained(clip_tokenizer_dir, truncation_style="official")
     texts = [case["text"] for case in reference["cases"]]
     rows = [case["tokenize_77"] for case in reference["cases"]]
     assert official(texts, padding="max_length")["input_ids"] == rows
@@ -149,11 +151,11 @@ def test_decode_skips_padding_but_keeps_real_zero_ids(tokenizer):
     assert tokenizer.decode([START_ID, 0, hash_end, END_ID, 0, 0], skip_special_tokens=True) == "!# "
 
 
-def test_bad_inputs_raise_clear_errors(tokenizer, msclip_tokenizer_dir):
+def test_bad_inputs_raise_clear_errors(tokenizer, clip_tokenizer_dir):
     with pytest.raises(ValueError, match="truncation_style"):
         tokenizer("a cat", truncation_style="middle")
     with pytest.raises(ValueError, match="truncation_style"):
-        MSClipTokenizer.from_pretrained(msclip_tokenizer_dir, truncation_style="middle")
+        MSClipTokenizer.from_pretrained(clip_tokenizer_dir, truncation_style="middle")
     with pytest.raises(ValueError, match="text_pair"):
         tokenizer("a cat", "a dog")
     with pytest.raises(ValueError, match="empty batch"):
@@ -163,7 +165,7 @@ def test_bad_inputs_raise_clear_errors(tokenizer, msclip_tokenizer_dir):
     with pytest.raises(ValueError, match="vocab"):
         MSClipTokenizer()
     with pytest.raises(ValueError, match="pads with id 0"):
-        MSClipTokenizer.from_pretrained(msclip_tokenizer_dir, pad_token="<|endoftext|>")
+        MSClipTokenizer.from_pretrained(clip_tokenizer_dir, pad_token="<|endoftext|>")
 
 
 def _reference_encode(
@@ -219,19 +221,19 @@ def test_fast_path_equals_plain_python_bpe_on_exotic_unicode(tokenizer):
     assert [text for text, ids, want in zip(texts, fast, expected) if ids != want] == []
 
 
-def test_saved_directory_round_trip(tokenizer, reference, msclip_tokenizer_dir):
-    config = json.loads((msclip_tokenizer_dir / "tokenizer_config.json").read_text())
+def test_saved_directory_round_trip(tokenizer, reference, clip_tokenizer_dir):
+    config = json.loads((clip_tokenizer_dir / "tokenizer_config.json").read_text())
     assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_msclip.MSClipTokenizer"
     assert config["truncation_style"] == "keep_end"
-    assert (msclip_tokenizer_dir / "tokenization_msclip.py").is_file()
+    assert (clip_tokenizer_dir / "tokenization_msclip.py").is_file()
     fresh = build_msclip_tokenizer(VOCAB_PATH)
     texts = [case["text"] for case in reference["cases"]]
     assert tokenizer(texts)["input_ids"] == fresh(texts)["input_ids"]
 
 
-def test_standalone_tokenizer_json_matches_on_clean_ascii(msclip_tokenizer_dir, reference):
+def test_standalone_tokenizer_json_matches_on_clean_ascii(clip_tokenizer_dir, reference):
     # tokenizer.json works without this package (no ftfy/HTML cleaning there): check it on captions that need none.
-    backend = Tokenizer.from_file(str(msclip_tokenizer_dir / "tokenizer.json"))
+    backend = Tokenizer.from_file(str(clip_tokenizer_dir / "tokenizer.json"))
     checked = 0
     for case in reference["cases"]:
         text = case["text"]
