@@ -102,3 +102,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _as_float64(value):
+    """``value`` (tensor of any dtype/device, numpy array, Python number or nested list) as a float64 numpy array."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def difference_and_scale(actual, expected, what: str = "") -> tuple[float, float]:
+    """``(max|actual - expected|, max(1, max|expected|))`` in float64; the shapes must match (no broadcasting). A NaN
+    anywhere gives a NaN difference, which no tolerance accepts."""
+    import numpy as np
+
+    a, b = _as_float64(actual), _as_float64(expected)
+    if a.shape != b.shape:
+        raise AssertionError(f"{what or 'values'}: shape {a.shape} differs from the expected {b.shape}")
+    if a.size == 0:
+        return 0.0, 1.0
+    difference = float(np.abs(a - b).max())
+    scale = max(1.0, float(np.abs(b).max())) if np.isfinite(b).all() else float("nan")
+    return difference, scale
+
+
+def close_to_scale(actual, expected, tol: float, what: str = "") -> bool:
+    """Whether ``max|actual - expected| <= tol * max(1, max|expected|)`` (float64; shapes must match).
+
+    A float32 result carries an error relative to the size of what is computed, so a fixed absolute tolerance holds
+    on one CPU and fails on the next once the values are large; this one scales with the expected values and is
+    absolute below magnitude 1."""
+    difference, scale = difference_and_scale(actual, expected, what)
+    return difference <= tol * scale
+
+
+def assert_close_to_scale(actual, expected, tol: float, what: str = "") -> None:
+    """Assert `close_to_scale`; the message names ``what``, the largest difference and the scale."""
+    difference, scale = difference_and_scale(actual, expected, what)
+    assert difference <= tol * scale, (
+        f"{what or 'values'}: max |difference| {difference:.3g} > {tol:g} x scale {scale:.3g} (= {tol * scale:.3g})"
+    )
