@@ -93,6 +93,9 @@ class MSClipObjectiveConfig:
         return cls(**values)
 
 
+TEXT_POOLINGS = ("eos", "argmax")
+
+
 class MSClipTextConfig(PreTrainedConfig):
     """Configuration of the MS-CLIP text tower.
 
@@ -110,6 +113,10 @@ class MSClipTextConfig(PreTrainedConfig):
             in which case padding is masked with ``attention_mask``.
         trim_padding: Drop right padding past the last end-of-text token of a batch before the blocks run. Exact for
             causal attention and for masked bidirectional attention; turn off to keep static shapes.
+        pooling: Which token's state is the text embedding: ``"eos"``, the first ``eos_token_id`` of each row, as
+            transformers' CLIP pools (a row without it is an error); ``"argmax"``, the largest id of each row, as the
+            official MS-CLIP and OpenAI CLIP code pools (the same token when the end token has the largest id and is
+            present; a row whose end token was cut off pools at its largest id). The presets use ``"argmax"``.
         initializer_range: Standard deviation of the normal initialisers.
         initializer_factor: Global multiplier of initialisation scales.
     """
@@ -130,6 +137,7 @@ class MSClipTextConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         causal: bool = True,
         trim_padding: bool = True,
+        pooling: str = "eos",
         initializer_range: float = 0.02,
         initializer_factor: float = 1.0,
         pad_token_id: int = 0,
@@ -148,6 +156,9 @@ class MSClipTextConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.causal = causal
         self.trim_padding = trim_padding
+        if pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text_config.pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         self.initializer_range = initializer_range
         self.initializer_factor = initializer_factor
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)

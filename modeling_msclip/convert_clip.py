@@ -1,10 +1,13 @@
 """Convert a saved transformers ``CLIPModel`` (and its processor) into an `MSClipModel` with nothing shared.
 
-    python -m modeling_msclip.convert_clip --input CLIP_DIR --output DIR
+    python -m modeling_msclip.convert_clip --input CLIP_DIR --output DIR [--vocab TOKENIZER]
 
-The result computes the same embeddings and logits as the CLIP model; it is a starting point for MS-CLIP-style
-fine-tuning or for comparing architectures on equal terms. The processor files of ``CLIP_DIR`` are saved alongside
-(the CLIP tokenizer pads with its end token, which our argmax pooling handles like any smaller padding id).
+The result computes the same embeddings and logits as the CLIP model for any vocabulary and end-token id: it pools
+text where transformers' CLIP does, at the first ``eos_token_id`` (``text_config.pooling="eos"``), or at
+``argmax(input_ids)`` for the legacy configs with ``eos_token_id=2``, as transformers does for them. It is a starting
+point for MS-CLIP-style fine-tuning or for comparing architectures on equal terms. The processor of ``CLIP_DIR``
+is saved alongside; a folder without one gets an MS-CLIP processor built from ``--vocab`` (CLIP image statistics),
+or a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from .configuration_msclip import MSClipConfig
+from .convert_original_msclip import save_with_processor
 from .modeling_msclip import MSClipModel
 
 _LAYER_PARTS = {
@@ -35,8 +39,8 @@ _LAYER_PARTS = {
 def config_from_clip(clip_config: CLIPConfig) -> MSClipConfig:
     """An `MSClipConfig` with the sizes of ``clip_config`` and no sharing."""
     text, vision = clip_config.text_config, clip_config.vision_config
-    if getattr(text, "eos_token_id", None) == 2:
-        raise ValueError("this CLIP config uses the legacy eos_token_id=2 pooling; re-save it with the real end id")
+    # transformers' CLIP keeps argmax pooling for configs saved before eos_token_id was set (they carry id 2).
+    pooling = "argmax" if text.eos_token_id == 2 else "eos"
     return MSClipConfig(
         text_config={
             "vocab_size": text.vocab_size,
@@ -51,6 +55,7 @@ def config_from_clip(clip_config: CLIPConfig) -> MSClipConfig:
             "pad_token_id": text.pad_token_id,
             "bos_token_id": text.bos_token_id,
             "eos_token_id": text.eos_token_id,
+            "pooling": pooling,
         },
         vision_config={
             "hidden_size": vision.hidden_size,
@@ -100,24 +105,30 @@ def convert_clip_state_dict(clip_state: dict[str, torch.Tensor], config: MSClipC
     return {key: value.contiguous().clone() for key, value in state.items()}
 
 
-def convert(input_dir: str | Path, output_dir: str | Path | None = None, overwrite: bool = False) -> MSClipModel:
-    """Load ``input_dir`` as a transformers CLIPModel and return (and optionally save) the equivalent MSClipModel."""
+def convert(
+    input_dir: str | Path,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    vocab_path: str | Path | None = None,
+) -> MSClipModel:
+    """Load ``input_dir`` as a transformers CLIPModel and return (and optionally save) the equivalent MSClipModel.
+
+    Raises:
+        FileNotFoundError: when ``input_dir`` is not a directory (it is never looked up on the Hub).
+    """
+    if not Path(input_dir).is_dir():
+        raise FileNotFoundError(f"--input {input_dir} is not a directory (a saved transformers CLIPModel folder)")
     clip = CLIPModel.from_pretrained(input_dir)
     config = config_from_clip(clip.config)
     model = MSClipModel(config)
     model.load_state_dict(convert_clip_state_dict(clip.state_dict(), config), strict=True)
     model.eval()
     if output_dir is not None:
-        output_dir = Path(output_dir)
-        if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its contents")
-        model.save_pretrained(output_dir)
         try:
             processor = AutoProcessor.from_pretrained(input_dir)
         except (OSError, ValueError, TypeError):
             processor = None
-        if processor is not None:
-            processor.save_pretrained(output_dir)
+        save_with_processor(model, output_dir, vocab_path, preset="clip", overwrite=overwrite, processor=processor)
     return model
 
 
@@ -125,11 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="directory of a saved transformers CLIPModel")
     parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument(
+        "--vocab", help="tokenizer for a folder without a processor: bpe_simple_vocab_16e6.txt.gz or a CLIP folder"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
     args = parser.parse_args(argv)
     try:
-        convert(args.input, args.output, args.overwrite)
-    except FileExistsError as error:
+        convert(args.input, args.output, args.overwrite, args.vocab)
+    except (FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"saved MS-CLIP model to {args.output}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import yaml
 
 from .configuration_msclip import MSClipConfig
 from .modeling_msclip import MSClipModel
+
+logger = logging.getLogger(__name__)
 
 # Official (yacs) defaults for the options this converter reads; anything else in CUSTOM must be off.
 OFFICIAL_CUSTOM_DEFAULTS: dict[str, Any] = {
@@ -194,6 +197,8 @@ def config_from_official(tree: dict[str, Any]) -> MSClipConfig:
         "num_attention_heads": int(text_spec["HEADS"]),
         "max_position_embeddings": int(text_spec.get("CONTEXT_LENGTH", 77)),
         "layer_norm_eps": OFFICIAL_LAYER_NORM_EPS,
+        # The official code pools at argmax(input_ids), also on rows whose end token was truncated away.
+        "pooling": "argmax",
     }
     positions = max(layers, text["num_hidden_layers"])
     first_shared = int(custom["N_LAYERS"])
@@ -404,18 +409,37 @@ def convert(
 
 
 def save_with_processor(
-    model: MSClipModel, output_dir: str | Path, vocab_path: str | Path | None, preset: str, overwrite: bool
-) -> None:
-    """Save ``model`` and, when ``vocab_path`` is given, a matching processor into ``output_dir``."""
+    model: MSClipModel,
+    output_dir: str | Path,
+    vocab_path: str | Path | None,
+    preset: str,
+    overwrite: bool,
+    processor: Any | None = None,
+) -> bool:
+    """Save ``model`` with ``processor``, else with one built from ``vocab_path``, into ``output_dir``.
+
+    Without either, only the model is saved and a warning says how to add a processor (``AutoProcessor`` would
+    otherwise fail later with a generic message). Returns whether a processor was written.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} is not empty; pass --overwrite to replace its contents")
     model.save_pretrained(output_dir)
-    if vocab_path is not None:
+    if processor is None and vocab_path is not None:
         from .processing_msclip import build_msclip_processor
 
         image_size = model.config.vision_config.image_size
-        build_msclip_processor(vocab_path, preset=preset, image_size=image_size).save_pretrained(output_dir)
+        processor = build_msclip_processor(vocab_path, preset=preset, image_size=image_size)
+    if processor is None:
+        logger.warning(
+            "%s holds the model but no processor, so AutoProcessor.from_pretrained will not load it: convert again "
+            "with --vocab (bpe_simple_vocab_16e6.txt.gz or a CLIP vocab.json + merges.txt folder), or save an "
+            "MSClipProcessor into it (docs/processor.md)",
+            output_dir,
+        )
+        return False
+    processor.save_pretrained(output_dir)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,12 +447,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="official experiment YAML or merged config JSON/YAML")
     parser.add_argument("--checkpoint", required=True, help="official .pth or .safetensors state dict")
     parser.add_argument("--output", required=True, help="output directory (model + processor)")
-    parser.add_argument("--vocab", help="CLIP BPE file (bpe_simple_vocab_16e6.txt.gz) to build the tokenizer from")
+    parser.add_argument(
+        "--vocab", help="tokenizer: bpe_simple_vocab_16e6.txt.gz or a CLIP vocab.json + merges.txt folder"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --output")
     args = parser.parse_args(argv)
     try:
         convert(args.config, args.checkpoint, args.output, args.vocab, args.overwrite)
-    except (ConversionError, FileExistsError) as error:
+    except (ConversionError, FileExistsError, FileNotFoundError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"saved MS-CLIP model to {args.output}")
 

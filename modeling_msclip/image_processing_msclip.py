@@ -70,6 +70,11 @@ class MSClipImageProcessor(CLIPImageProcessorPil):
         settings.update(kwargs)
         return cls(**settings)
 
+    def preprocess(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' preprocessing, after checking that there is at least one image and none is empty."""
+        check_images(images)
+        return super().preprocess(images, *args, **kwargs)
+
     def center_crop(self, image: np.ndarray, size: Any, **kwargs: Any) -> np.ndarray:
         """Crop the centre of a channels-first image, rounding the offset like torchvision's ``CenterCrop``.
 
@@ -85,4 +90,24 @@ class MSClipImageProcessor(CLIPImageProcessorPil):
         return image[..., top : top + size.height, left : left + size.width]
 
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "IMAGE_PRESETS", "MSClipImageProcessor"]
+def check_images(images: Any) -> None:
+    """Raise a ValueError for an empty batch or an image with no pixels (transformers would divide by zero).
+
+    Other malformed inputs (objects that are not images, arrays whose channels cannot be told) are left to
+    transformers, whose messages already name the problem.
+    """
+    batch = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not batch:
+        raise ValueError("images is an empty list: give at least one image")
+    for index, image in enumerate(batch):
+        if hasattr(image, "getbands"):  # a PIL image: (width, height)
+            size = tuple(image.size)
+        elif hasattr(image, "shape") and len(image.shape) >= 2:
+            size = tuple(image.shape)
+        else:
+            continue
+        if 0 in size:
+            raise ValueError(f"images[{index}] has no pixels (size {size})")
+
+
+__all__ = ["DEFAULT_IMAGE_SIZE", "IMAGE_PRESETS", "MSClipImageProcessor", "check_images"]

@@ -560,6 +560,32 @@ class MSClipLateralAdapter(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_positions: int) -> None:
+    """Raise a ValueError naming the argument, the expected and the actual value for malformed text inputs."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"input_ids must have at least one caption and one position, got shape {tuple(input_ids.shape)}"
+        )
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} positions but the text tower supports at most {max_positions}"
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+
+
 class MSClipTextEmbeddings(nn.Module):
     """Token embedding plus learned absolute position embedding."""
 
@@ -569,7 +595,9 @@ class MSClipTextEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.empty(config.max_position_embeddings, config.hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # MSClipTextTower.prepare has checked the length against max_position_embeddings.
+        # MSClipTextTower.prepare has checked the length against max_position_embeddings (and the id range).
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            input_ids = input_ids.long()  # nn.Embedding indexes with int32/int64 only
         return self.token_embedding(input_ids) + self.position_embedding[: input_ids.shape[-1]]
 
 
@@ -607,29 +635,56 @@ class MSClipTextTower(nn.Module):
     def prepare(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[EncoderInput, torch.Tensor]:
-        """Embed ``input_ids`` (dropping padding no output can see) for the encoder; also the pooling positions."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
+        """Check and embed ``input_ids`` (dropping padding no output can see) for the encoder; also the pooling
+        positions.
+
+        Shapes and dtypes are checked in Python; the id range, a missing end token and the trimmed length come from
+        one small tensor read back to the host together (skipped in a compiled graph, which keeps static shapes).
+        """
+        check_text_inputs(input_ids, attention_mask, self.config.max_position_embeddings)
+        config = self.config
+        if config.pooling == "argmax":
+            # The official code pools at argmax(input_ids): the end-of-text token when it has the largest id.
+            pool_index = input_ids.argmax(dim=-1)
+            has_end = None
+        else:
+            is_end = input_ids == config.eos_token_id
+            pool_index = is_end.int().argmax(dim=-1)
+            has_end = is_end.any(dim=-1)
+        if torch.compiler.is_compiling():
+            return self._embed(input_ids, attention_mask), pool_index
+        facts = [input_ids.min(), input_ids.max(), pool_index.max()]
+        if has_end is not None:
+            facts.append(has_end.all())
+        smallest, largest, last_pooled, *all_end = torch.stack([fact.long() for fact in facts]).tolist()
+        if smallest < 0 or largest >= config.vocab_size:
             raise ValueError(
-                f"input_ids has {input_ids.shape[1]} positions but the text tower supports at most "
-                f"{self.config.max_position_embeddings}"
+                f"input_ids must lie in [0, {config.vocab_size - 1}] (text_config.vocab_size {config.vocab_size}), "
+                f"got ids from {smallest} to {largest}: was this batch made by another model's tokenizer?"
             )
-        # Pool where the official code pools: at argmax(input_ids), the end-of-text token, which has the largest id.
-        pool_index = input_ids.argmax(dim=-1)
+        if all_end and not all_end[0]:
+            missing = (~has_end).nonzero().flatten().tolist()
+            raise ValueError(
+                f"input_ids rows {missing} have no end token (eos_token_id {config.eos_token_id}), where "
+                "text_config.pooling='eos' pools; tokenize with truncation that keeps the end token (the default "
+                "truncation_style='keep_end'), or use pooling='argmax' as the official code does"
+            )
+        # Later positions cannot reach the pooled token (causal) or are masked out: dropping them is exact.
+        if (
+            config.trim_padding
+            and (config.causal or attention_mask is not None)
+            and last_pooled + 1 < input_ids.shape[1]
+        ):
+            input_ids = input_ids[:, : last_pooled + 1]
+            attention_mask = attention_mask[:, : last_pooled + 1] if attention_mask is not None else None
+        return self._embed(input_ids, attention_mask), pool_index
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> EncoderInput:
         causal = self.config.causal
-        # The trim needs the batch's longest caption on the host; a compiled graph keeps the static shape instead.
-        trim = self.config.trim_padding and not torch.compiler.is_compiling()
-        if trim and (causal or attention_mask is not None):
-            # Later positions cannot reach the pooled token (causal) or are masked out: dropping them is exact.
-            keep = int(pool_index.max()) + 1
-            if keep < input_ids.shape[1]:
-                input_ids = input_ids[:, :keep]
-                attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
         additive_mask = None
         if not causal and attention_mask is not None:
             additive_mask = padding_mask_to_additive(attention_mask, self.embeddings.position_embedding.dtype)
-        return EncoderInput(self.embeddings(input_ids), additive_mask, causal), pool_index
+        return EncoderInput(self.embeddings(input_ids), additive_mask, causal)
 
     def pool(
         self,
@@ -680,7 +735,14 @@ class MSClipVisionEmbeddings(nn.Module):
         return torch.cat([cls_position, patch_positions.permute(0, 2, 3, 1).flatten(1, 2)[0]])
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.dtype.is_floating_point:
+            raise ValueError(
+                f"pixel_values must be floating point (normalised pixels), got dtype {pixel_values.dtype}: run raw "
+                "images through MSClipImageProcessor (or the processor) first"
+            )
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels or not len(pixel_values):
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.config.num_channels}, height, width), "
                 f"got {tuple(pixel_values.shape)}"
@@ -1031,6 +1093,8 @@ class MSClipModel(MSClipPreTrainedModel):
             )
         if position_ids is not None:
             raise ValueError("MS-CLIP uses absolute learned positions 0..L-1; position_ids are not supported")
+        if return_loss:
+            check_paired_batch(input_ids, pixel_values)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -1066,6 +1130,17 @@ class MSClipModel(MSClipPreTrainedModel):
             logit_scale=self.logit_scale,
         )
         return output if return_dict else output.to_tuple()
+
+
+def check_paired_batch(input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None) -> None:
+    """A loss pairs text ``i`` with image ``i``: raise a ValueError naming both batch sizes when they differ."""
+    if input_ids is None or pixel_values is None:
+        raise ValueError("the loss needs both input_ids and pixel_values (pairs of a caption and an image)")
+    if hasattr(input_ids, "shape") and hasattr(pixel_values, "shape") and input_ids.shape[:1] != pixel_values.shape[:1]:
+        raise ValueError(
+            f"the loss pairs caption i with image i, but input_ids has {input_ids.shape[0]} captions and "
+            f"pixel_values {pixel_values.shape[0]} images"
+        )
 
 
 def symmetric_contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
@@ -1172,6 +1247,8 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
         **kwargs: Any,
     ) -> MSClipPreTrainingOutput:
         """Embed the pairs and, with ``return_loss`` (the default), compute the configured objective."""
+        if return_loss:
+            check_paired_batch(input_ids, pixel_values)
         outputs = self.msclip(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
         objective = self.config.objective_config
         result = MSClipPreTrainingOutput(
