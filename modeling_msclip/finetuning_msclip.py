@@ -31,6 +31,7 @@ from transformers import (
     set_seed,
 )
 
+from .checkpointing_msclip import OutputArguments, attach_checkpointing, checkpoint_to_resume
 from .configuration_msclip import MSClipConfig
 from .data_msclip import (
     IMAGE_EXTENSIONS,
@@ -118,35 +119,12 @@ class DataArguments:
     )
 
 
-@dataclass
-class OutputArguments:
-    """What may happen to an existing output folder."""
-
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Write into a non-empty --output_dir (its files of the same names are replaced)."},
-    )
-
-
 def parse_finetuning_arguments(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments, OutputArguments]:
     """Parse the command line (or a single ``.json`` file of arguments)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, OutputArguments))
     return parse_arguments_for_this_machine(parser, argv)
-
-
-def check_output_dir(training_args: TrainingArguments, output_args: OutputArguments) -> None:
-    """Refuse a non-empty output folder unless overwriting or resuming, so no saved run is replaced silently."""
-    path = Path(training_args.output_dir)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--output_dir {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not (output_args.overwrite_output_dir or training_args.resume_from_checkpoint):
-            raise FileExistsError(
-                f"--output_dir {path} is not empty; pass --overwrite_output_dir to write into it, or "
-                "--resume_from_checkpoint to continue a run"
-            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -510,7 +488,7 @@ def run_finetuning(
         The trainer (its ``model`` is the fine-tuned model).
     """
     output_args = output_args or OutputArguments()
-    check_output_dir(training_args, output_args)
+    checkpoint = checkpoint_to_resume(training_args, overwrite=output_args.overwrite_output_dir)
     training_args.remove_unused_columns = False  # the collator needs the raw image column
     set_seed(training_args.seed)
 
@@ -595,7 +573,8 @@ def run_finetuning(
         compute_metrics=compute_metrics,
         callbacks=[skipped, *(callbacks or [])],
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    attach_checkpointing(trainer, checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
     train_metrics.update({key: value for key, value in skipped.counts().items() if key.startswith("train_")})

@@ -1225,6 +1225,10 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
                 lambda_sharp=objective.nclip_lambda_sharp,
                 lambda_smooth=objective.nclip_lambda_smooth,
             )
+        if objective.loss == "nclip":
+            # Pure nCLIP has no contrastive term: nothing trains the temperature, and DDP (which runs without
+            # searching for unused parameters) must not wait for its gradient.
+            self.msclip.logit_scale.requires_grad_(False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:

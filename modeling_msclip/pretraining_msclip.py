@@ -16,6 +16,7 @@ from typing import Any
 from datasets import IterableDataset
 from transformers import AutoImageProcessor, AutoProcessor, HfArgumentParser, TrainerCallback, set_seed
 
+from .checkpointing_msclip import attach_checkpointing, checkpoint_to_resume
 from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
 from .data_msclip import (
     DataStats,
@@ -362,6 +363,11 @@ def run_pretraining(
     ``callbacks`` are added to the trainer (e.g. evaluation callbacks).
     """
     training_args.remove_unused_columns = False
+    if training_args.ddp_find_unused_parameters is None:
+        # Every parameter of every preset and objective gets a gradient each step (tests/test_trainer.py checks it),
+        # so DDP's extra graph traversal to look for unused ones is pure cost.
+        training_args.ddp_find_unused_parameters = False
+    checkpoint = checkpoint_to_resume(training_args, overwrite=training_args.overwrite_output_dir)
     set_seed(training_args.seed)
     config = build_model_config(model_args)
     processor = build_processor(model_args, config.vision_config.image_size)
@@ -400,10 +406,11 @@ def run_pretraining(
         processing_class=processor,
         callbacks=[DataStatsCallback(stats), AugmentationEpochCallback(image_text_collator), *(callbacks or [])],
     )
+    attach_checkpointing(trainer, checkpoint)
     zero_shot_callback = build_zero_shot_callback(data_args, processor)
     if zero_shot_callback is not None:
         zero_shot_callback.attach(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # with the processor (the trainer's processing_class)
     trainer.save_state()
     if eval_dataset is not None and training_args.do_eval:

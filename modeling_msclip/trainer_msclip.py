@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+from .checkpointing_msclip import OutputArguments
 from .gradcache_msclip import gradcache_backward, split_batch
 from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_, logit_scale_exp
 
@@ -35,8 +36,8 @@ NONFINITE_POLICIES = ("auto", *FINITE_LOSS_POLICIES)
 
 
 @dataclass
-class MSClipTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the MS-CLIP optimizer and robustness settings.
+class MSClipTrainingArguments(TrainingArguments, OutputArguments):
+    """`TrainingArguments` plus the MS-CLIP optimizer and robustness settings and ``--overwrite_output_dir``.
 
     The objective itself (CLIP / SigLIP / nCLIP / xCLIP and their knobs) is part of the model config
     (``MSClipConfig.objective``) so that checkpoints carry it.
