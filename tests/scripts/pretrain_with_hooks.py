@@ -26,12 +26,14 @@ class CrashAfterCheckpoint(TrainerCallback):
             os._exit(17)
 
 
-def probe_batch() -> dict[str, torch.Tensor]:
+def probe_batch(text_config) -> dict[str, torch.Tensor]:
+    """Four captions of the model's own id range (the run's tokenizer sizes the vocabulary, here not CLIP's)."""
     generator = torch.Generator().manual_seed(123)
+    start, end = text_config.bos_token_id, text_config.eos_token_id
     input_ids = torch.zeros(4, 12, dtype=torch.long)
-    input_ids[:, 0] = 49406
-    input_ids[:, 1:9] = torch.randint(1, 49405, (4, 8), generator=generator)
-    input_ids[:, 9] = 49407
+    input_ids[:, 0] = start
+    input_ids[:, 1:9] = torch.randint(1, min(start, end), (4, 8), generator=generator)
+    input_ids[:, 9] = end
     return {"input_ids": input_ids, "pixel_values": torch.randn(4, 3, 64, 64, generator=generator)}
 
 
@@ -43,7 +45,8 @@ def main() -> None:
     if os.environ.get("PROBE_OUTPUT"):
         model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         model.eval()
-        batch = {k: v.to(trainer.args.device) for k, v in probe_batch().items()}
+        text_config = trainer.model.config.text_config
+        batch = {k: v.to(trainer.args.device) for k, v in probe_batch(text_config).items()}
         with torch.no_grad():
             outputs = model(**batch, return_loss=False)
         if trainer.is_world_process_zero():
@@ -52,7 +55,7 @@ def main() -> None:
                     "image_embeds": outputs.image_embeds.cpu(),
                     "text_embeds": outputs.text_embeds.cpu(),
                     "logits_per_image": outputs.logits_per_image.cpu(),
-                    "batch": probe_batch(),
+                    "batch": probe_batch(text_config),
                 },
                 os.environ["PROBE_OUTPUT"],
             )
