@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_transformers_clip
+from conftest import assert_close_to_scale, build_tiny_transformers_clip
 from PIL import Image
 
 from modeling_msclip import evaluation_msclip as ev
@@ -43,10 +43,10 @@ def test_zero_shot_classifier_normalises_each_template_before_averaging():
     per_class = [torch.tensor([[4.0, 0, 0], [0, 1.0, 0]]), torch.tensor([[0, 0, 3.0]])]
     weights = zero_shot_classifier(per_class)
     s = 1 / math.sqrt(2)
-    torch.testing.assert_close(weights, torch.tensor([[s, s, 0.0], [0.0, 0.0, 1.0]]))
+    assert_close_to_scale(weights, [[s, s, 0.0], [0.0, 0.0, 1.0]], 1e-6, "classifier weights")
     # The [C, T, E] tensor form gives the same result.
     stacked = torch.tensor([[[4.0, 0, 0], [0, 1.0, 0]], [[0, 0, 3.0], [0, 0, 1.0]]])
-    torch.testing.assert_close(zero_shot_classifier(stacked), weights)
+    assert_close_to_scale(zero_shot_classifier(stacked), weights, 1e-6, "classifier weights from [C, T, E]")
 
 
 def test_zero_shot_metrics_hand_computed_ranks():
@@ -253,7 +253,7 @@ def test_logistic_regression_matches_scikit_learn():
     reference = sklearn_linear.LogisticRegression(C=1 / (l2 * 60), tol=1e-10, max_iter=10_000).fit(
         features.numpy(), labels.numpy()
     )
-    np.testing.assert_allclose(ours, reference.predict_proba(features.numpy()), atol=1e-5)
+    assert_close_to_scale(ours, reference.predict_proba(features.numpy()), 1e-5, "probabilities vs scikit-learn")
 
 
 def test_linear_probe_rejects_bad_input():
@@ -314,7 +314,7 @@ def test_encode_texts_matches_model_forward(tiny_clip):
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(**tokens, pixel_values=torch.zeros(1, 3, 32, 32))
-    torch.testing.assert_close(F.normalize(embeds, dim=-1), out.text_embeds, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(F.normalize(embeds, dim=-1), out.text_embeds, 1e-5, "text embeds")
 
 
 def test_encode_images_processor_transform_and_tensor_agree(tiny_clip):
@@ -329,7 +329,7 @@ def test_encode_images_processor_transform_and_tensor_agree(tiny_clip):
     with torch.no_grad():
         reference = model.get_image_features(pixel_values=pixel_values).pooler_output
     for embeds in (from_processor, from_tensor, from_transform):
-        torch.testing.assert_close(embeds, reference, atol=1e-5, rtol=1e-5)
+        assert_close_to_scale(embeds, reference, 1e-5, "image embeds")
     with pytest.raises(ValueError, match="image 1 cannot be read"):
         encode_images(model, image_processor, [images[0], "/nonexistent/file.png"])
 
@@ -340,7 +340,7 @@ def test_encode_images_reads_files_as_training_does(tiny_clip, tmp_path):
     Image.new("RGBA", (32, 32), (255, 0, 0, 0)).save(tmp_path / "transparent_red.png")
     from_file = encode_images(model, image_processor, [str(tmp_path / "transparent_red.png")])
     white = encode_images(model, image_processor, [Image.new("RGB", (32, 32), (255, 255, 255))])
-    torch.testing.assert_close(from_file, white, atol=1e-6, rtol=1e-6)
+    assert_close_to_scale(from_file, white, 1e-6, "transparent file vs white image")
 
 
 def test_evaluate_zero_shot_matches_forward_logits_and_skips_bad_records(tiny_clip, tmp_path):

@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_to_scale
 from PIL import Image
 from transformers import AutoModelForImageClassification, TrainerCallback, TrainingArguments
 
@@ -129,7 +130,7 @@ def test_finetune_learns_colours_and_round_trips(saved_checkpoint, color_data, t
     with torch.no_grad():
         logits = reloaded(pixel_values=pixel_values).logits
         trained_logits = trainer.model.eval()(pixel_values=pixel_values).logits
-    torch.testing.assert_close(logits, trained_logits, rtol=1e-5, atol=1e-5)
+    assert_close_to_scale(logits, trained_logits, 1e-5, "logits of the reloaded model")
     assert (logits.argmax(-1) == labels).double().mean().item() == pytest.approx(eval_results["eval_accuracy"])
     assert reloaded.config.id2label == {0: "dark blue", 1: "green", 2: "red"}
 
@@ -259,5 +260,5 @@ def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokeniz
     expected_scale = clip_model.logit_scale.exp().item() / image_embeds.norm(dim=-1).mean().item()
     assert scale == pytest.approx(expected_scale, rel=1e-5)
     expected_logits = scale * image_embeds.norm(dim=-1, keepdim=True) * cosine
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(logits, expected_logits, 1e-5, "logits of the text-initialised head")
     assert torch.equal(classifier.classifier.bias, torch.zeros(3))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_to_scale
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedConfig
 
@@ -80,7 +81,7 @@ def test_image_processor_matches_hand_pipeline(preset, size, height, width, mean
     pixel_values = processor(image, return_tensors="pt")["pixel_values"]
     assert pixel_values.shape == (1, 3, size, size) and pixel_values.dtype == torch.float32
     expected = hand_preprocess(image, size, mean, std)
-    assert np.abs(pixel_values[0].numpy() - expected).max() < 1e-5
+    assert_close_to_scale(pixel_values[0], expected, 1e-5, f"{preset} {size} px pixels")
 
 
 def test_centre_crop_rounds_like_torchvision():
@@ -89,7 +90,7 @@ def test_centre_crop_rounds_like_torchvision():
     resized = np.asarray(image, dtype=np.float64) / 255.0  # already 40 high: the resize is the identity
     shifted_by_floor = ((resized[:, 3:43] - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     rounded = ((resized[:, 4:44] - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
-    assert np.abs(ours - rounded).max() < 1e-5
+    assert_close_to_scale(ours, rounded, 1e-5, "torchvision-rounded crop")
     assert np.abs(ours - shifted_by_floor).max() > 0.1
 
 
@@ -99,7 +100,8 @@ def test_grey_and_rgba_images_become_three_channels():
         image = random_image(20, 24, mode=mode)
         pixel_values = processor(image, return_tensors="np")["pixel_values"]
         assert pixel_values.shape == (1, 3, 16, 16)
-        assert np.abs(pixel_values[0] - hand_preprocess(image, 16, IMAGENET_MEAN, IMAGENET_STD)).max() < 1e-5
+        expected = hand_preprocess(image, 16, IMAGENET_MEAN, IMAGENET_STD)
+        assert_close_to_scale(pixel_values[0], expected, 1e-5, f"{mode} image pixels")
 
 
 def test_from_preset_rejects_bad_arguments():
@@ -245,4 +247,4 @@ def test_trust_remote_code_loads_without_the_package(msclip_tokenizer_dir, saved
     assert remote["processor_ids"] == tokenizer(CAPTIONS)["input_ids"]
     image = Image.fromarray(np.arange(45 * 60 * 3, dtype=np.uint8).reshape(45, 60, 3))
     local_pixels = MSClipImageProcessor.from_preset("msclip", image_size=40)(image)["pixel_values"][0]
-    np.testing.assert_allclose(np.array(remote["pixel_values"][0]), local_pixels, atol=1e-6)
+    assert_close_to_scale(remote["pixel_values"][0], local_pixels, 1e-6, "remote-code pixels")
