@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_close_to_scale, free_port
 from test_pretraining_distributed import workspace  # noqa: F401 - the shared data and initial checkpoint
 
@@ -189,6 +190,9 @@ def test_killed_run_resumes_from_the_latest_complete_checkpoint(workspace, ranks
     resumed_state = MSClipForPreTraining.from_pretrained(cut).state_dict()
     for key, value in full_state.items():
         assert_close_to_scale(resumed_state[key], value, 1e-6, f"resumed {key}")
+    # BatchNorm statistics (MS-CLIP-S's stem and branch) moved in training, so their equality means something.
+    running_vars = [k for k in full_state if k.endswith("running_var")]
+    assert running_vars and any(not torch.equal(full_state[k], torch.ones_like(full_state[k])) for k in running_vars)
 
     again = run(command(workspace, cut, launcher, "--resume_from_checkpoint", "latest"), {"STEP_LOG": str(step_log)})
     assert "resuming from" in again.stderr and "checkpoint-6" in again.stderr

@@ -1,7 +1,7 @@
-"""run_pretrain.py plus two test hooks, launched by tests/test_pretraining_distributed.py.
+"""run_pretrain.py plus a test hook, launched by tests/test_pretraining_distributed.py (kill-and-resume runs are in
+tests/test_preemption.py).
 
 Environment:
-    CRASH_AFTER_STEP=k   hard-kill the process (os._exit, no cleanup) right after checkpoint k is written;
     PROBE_OUTPUT=path    after training, run every rank's model on a fixed probe batch in eval mode and save the
                          rank-0 outputs to ``path`` (under ZeRO-3 every rank must take part in the forward).
 """
@@ -11,19 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modeling_msclip.pretraining_msclip import parse_pretraining_arguments, run_pretraining  # noqa: E402
-
-
-class CrashAfterCheckpoint(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os._exit(17)
 
 
 def probe_batch(text_config) -> dict[str, torch.Tensor]:
@@ -38,10 +28,7 @@ def probe_batch(text_config) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    callbacks = []
-    if os.environ.get("CRASH_AFTER_STEP"):
-        callbacks.append(CrashAfterCheckpoint(int(os.environ["CRASH_AFTER_STEP"])))
-    trainer = run_pretraining(*parse_pretraining_arguments(), callbacks=callbacks)
+    trainer = run_pretraining(*parse_pretraining_arguments())
     if os.environ.get("PROBE_OUTPUT"):
         model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         model.eval()
