@@ -20,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -257,8 +258,8 @@ class _MSClipStepCallback(TrainerCallback):
             clamp_logit_scale_(msclip.logit_scale, msclip.config.logit_scale_max)
 
 
-def configure_cpu_distributed_state(uses_deepspeed: bool) -> dict[str, Any]:
-    """Make a multi-process run on a machine without accelerators a real multi-rank run.
+def configure_cpu_distributed_state(uses_deepspeed: bool, timeout_seconds: int = 1800) -> dict[str, Any]:
+    """Make a multi-process run on a machine without accelerators a real multi-rank run, with a bounded timeout.
 
     Returns `TrainingArguments` overrides (``{}`` with an accelerator or in a single process). Two cases, seen with
     transformers 5.23 / accelerate 1.15 / deepspeed 0.19 under ``torchrun`` or ``accelerate launch`` on CPU:
@@ -266,19 +267,36 @@ def configure_cpu_distributed_state(uses_deepspeed: bool) -> dict[str, Any]:
     * plain data parallel: without ``use_cpu`` accelerate's `PartialState` finds no device backend, records one
       process and each rank trains on the full data; ``use_cpu=True`` selects gloo and real sharding;
     * DeepSpeed: `TrainingArguments` does not hand a backend to `PartialState`; DeepSpeed still builds a process
-      group of all ranks but the Trainer believes it is alone (``world_size 1`` on every rank). Creating the state
-      with the gloo backend first and telling the Trainer to use it makes the run a real DeepSpeed multi-rank run.
+      group of all ranks but the Trainer believes it is alone (``world_size 1`` on every rank).
+
+    In both cases transformers would create the process group without ``--ddp_timeout`` (its CPU branch passes
+    none), so a hung peer would block every rank forever. The gloo process group is therefore created here, with
+    ``timeout_seconds``, and the Trainer is told to use it (``use_configured_state``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or torch.cuda.is_available():
         return {}
-    if not uses_deepspeed:
-        return {"use_cpu": True}
     from accelerate import PartialState
 
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
-    return {"accelerator_config": {"use_configured_state": True}}
+    if uses_deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(cpu=not uses_deepspeed, backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+    overrides: dict[str, Any] = {"accelerator_config": {"use_configured_state": True}}
+    if not uses_deepspeed:
+        overrides["use_cpu"] = True
+    return overrides
+
+
+def _requested(args: Sequence[str], settings: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of ``--name`` in a command line (``--name v`` or ``--name=v``) or a JSON settings dict."""
+    if name in settings:
+        return settings[name]
+    for index, argument in enumerate(args):
+        if argument == f"--{name}" and index + 1 < len(args):
+            return args[index + 1]
+        if argument.startswith(f"--{name}="):
+            return argument.split("=", 1)[1]
+    return default
 
 
 def parse_arguments_for_this_machine(parser: HfArgumentParser, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
@@ -290,7 +308,8 @@ def parse_arguments_for_this_machine(parser: HfArgumentParser, argv: Sequence[st
     settings = json.loads(Path(args[0]).read_text()) if from_json else {}
     uses_deepspeed = bool(settings.get("deepspeed")) or any(a.split("=")[0] == "--deepspeed" for a in args)
     uses_deepspeed = uses_deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    overrides = configure_cpu_distributed_state(uses_deepspeed)
+    timeout = int(_requested(args, settings, "ddp_timeout", TrainingArguments.ddp_timeout))
+    overrides = configure_cpu_distributed_state(uses_deepspeed, timeout)
     if from_json:
         return parser.parse_dict({**settings, **overrides})
     for key, value in overrides.items():

@@ -144,7 +144,7 @@ def kill_inside_step_five(arguments: list[str], output: Path, ranks: int) -> Non
 def steps_trained(step_log: Path) -> dict[int, list[int]]:
     per_rank: dict[int, list[int]] = {}
     for line in step_log.read_text().split("\n"):
-        if line:
+        if line and " pid " not in line:
             rank, step = map(int, line.split())
             per_rank.setdefault(rank, []).append(step)
     return per_rank
@@ -197,3 +197,46 @@ def test_killed_run_resumes_from_the_latest_complete_checkpoint(workspace, ranks
     again = run(command(workspace, cut, launcher, "--resume_from_checkpoint", "latest"), {"STEP_LOG": str(step_log)})
     assert "resuming from" in again.stderr and "checkpoint-6" in again.stderr
     assert all(steps == [5, 6] for steps in steps_trained(step_log).values())  # a finished run trains no more
+
+
+def process_ids(step_log: Path) -> dict[int, int]:
+    fields = [line.split() for line in step_log.read_text().split("\n") if " pid " in line]
+    return {int(rank): int(pid) for rank, _, pid in fields}
+
+
+@pytest.mark.slow
+def test_a_hung_peer_ends_every_rank_within_the_timeout(workspace, tmp_path):  # noqa: F811
+    """SIGSTOP one of two DDP ranks mid-run: with --ddp_timeout 20 the launch must fail within the timeout plus the
+    launcher's grace period. Without the timeout reaching the gloo process group (transformers' CPU path passes
+    none) the other rank waits for 30 minutes and this test times out."""
+    step_log, timeout = tmp_path / "steps.log", 20
+    arguments = command(workspace, tmp_path / "out", accelerate_launch(2), "--ddp_timeout", str(timeout))
+    arguments[arguments.index("--max_steps") + 1] = "500"
+    arguments[arguments.index("--save_strategy") + 1] = "no"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_LOG": str(step_log)}
+    process = subprocess.Popen(
+        arguments, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (step_log.exists() and all(len(s) >= 2 for s in steps_trained(step_log).values())
+                   and len(process_ids(step_log)) == 2):  # fmt: skip
+            assert process.poll() is None, process.stderr.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "the run never reached step 2"
+            time.sleep(0.5)
+        os.kill(process_ids(step_log)[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = process.communicate(timeout=timeout + 150)
+        waited = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for pid in process_ids(step_log).values():
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert process.returncode != 0
+    assert waited < timeout + 150, waited
+    assert "timed out" in stderr.decode().lower() or "timeout" in stderr.decode().lower(), stderr.decode()[-3000:]

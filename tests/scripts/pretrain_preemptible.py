@@ -3,7 +3,8 @@
 Environment:
     STALL_AFTER_STEP=k  once k optimizer steps are done, the next forward pass writes ``<output_dir>/stalled`` and
                         blocks, so that the test's external SIGKILL lands in the middle of a training step;
-    STEP_LOG=path       every rank appends "<rank> <global step>" to ``path`` after each optimizer step it trains.
+    STEP_LOG=path       every rank appends "<rank> <global step>" to ``path`` after each optimizer step it trains
+                        (and "<rank> pid <process id>" when training begins, so a test can signal one rank).
 """
 
 import os
@@ -35,6 +36,10 @@ class StallInForward(TrainerCallback):
 class StepLog(TrainerCallback):
     def __init__(self, path: str) -> None:
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        with open(self.path, "a") as handle:
+            handle.write(f"{args.process_index} pid {os.getpid()}\n")
 
     def on_step_end(self, args, state, control, **kwargs):
         with open(self.path, "a") as handle:
