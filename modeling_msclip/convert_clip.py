@@ -36,39 +36,43 @@ _LAYER_PARTS = {
 }
 
 
+# Config fields that mean the same in transformers' CLIP and here, per tower (both conversion directions use them).
+TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+)
+
+
 def config_from_clip(clip_config: CLIPConfig) -> MSClipConfig:
     """An `MSClipConfig` with the sizes of ``clip_config`` and no sharing."""
     text, vision = clip_config.text_config, clip_config.vision_config
     # transformers' CLIP keeps argmax pooling for configs saved before eos_token_id was set (they carry id 2).
     pooling = "argmax" if text.eos_token_id == 2 else "eos"
     return MSClipConfig(
-        text_config={
-            "vocab_size": text.vocab_size,
-            "hidden_size": text.hidden_size,
-            "intermediate_size": text.intermediate_size,
-            "num_hidden_layers": text.num_hidden_layers,
-            "num_attention_heads": text.num_attention_heads,
-            "max_position_embeddings": text.max_position_embeddings,
-            "hidden_act": text.hidden_act,
-            "layer_norm_eps": text.layer_norm_eps,
-            "attention_dropout": text.attention_dropout,
-            "pad_token_id": text.pad_token_id,
-            "bos_token_id": text.bos_token_id,
-            "eos_token_id": text.eos_token_id,
-            "pooling": pooling,
-        },
-        vision_config={
-            "hidden_size": vision.hidden_size,
-            "intermediate_size": vision.intermediate_size,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "num_attention_heads": vision.num_attention_heads,
-            "num_channels": vision.num_channels,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "hidden_act": vision.hidden_act,
-            "layer_norm_eps": vision.layer_norm_eps,
-            "attention_dropout": vision.attention_dropout,
-        },
+        text_config={**{name: getattr(text, name) for name in TEXT_FIELDS}, "pooling": pooling},
+        vision_config={name: getattr(vision, name) for name in VISION_FIELDS},
         projection_dim=clip_config.projection_dim,
         logit_scale_init_value=clip_config.logit_scale_init_value,
     )

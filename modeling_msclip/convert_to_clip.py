@@ -22,7 +22,7 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from .configuration_msclip import MSClipConfig
-from .convert_clip import _LAYER_PARTS
+from .convert_clip import _LAYER_PARTS, TEXT_FIELDS, VISION_FIELDS
 from .modeling_msclip import MSClipModel
 
 
@@ -51,32 +51,8 @@ def clip_config_from(config: MSClipConfig) -> CLIPConfig:
     check_exportable(config)
     text, vision = config.text_config, config.vision_config
     return CLIPConfig(
-        text_config={
-            "vocab_size": text.vocab_size,
-            "hidden_size": text.hidden_size,
-            "intermediate_size": text.intermediate_size,
-            "num_hidden_layers": text.num_hidden_layers,
-            "num_attention_heads": text.num_attention_heads,
-            "max_position_embeddings": text.max_position_embeddings,
-            "hidden_act": text.hidden_act,
-            "layer_norm_eps": text.layer_norm_eps,
-            "attention_dropout": text.attention_dropout,
-            "pad_token_id": text.pad_token_id,
-            "bos_token_id": text.bos_token_id,
-            "eos_token_id": text.eos_token_id,
-        },
-        vision_config={
-            "hidden_size": vision.hidden_size,
-            "intermediate_size": vision.intermediate_size,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "num_attention_heads": vision.num_attention_heads,
-            "num_channels": vision.num_channels,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "hidden_act": vision.hidden_act,
-            "layer_norm_eps": vision.layer_norm_eps,
-            "attention_dropout": vision.attention_dropout,
-        },
+        text_config={name: getattr(text, name) for name in TEXT_FIELDS},
+        vision_config={name: getattr(vision, name) for name in VISION_FIELDS},
         projection_dim=config.projection_dim,
         logit_scale_init_value=config.logit_scale_init_value,
     )

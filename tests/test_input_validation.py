@@ -120,6 +120,18 @@ def _assert_finite(value, what: str) -> None:
             _assert_finite(item, f"{what}[{index}]")
 
 
+def call_or_clear_error(call, described: str):
+    """``call()``'s output, or None when it raised a ValueError/TypeError with a message; any other error fails."""
+    try:
+        with torch.no_grad():
+            return call()
+    except (ValueError, TypeError) as error:
+        assert str(error), f"{described}: an error without a message"
+        return None
+    except Exception as error:  # noqa: BLE001 - any other exception is what these tests are for
+        pytest.fail(f"{described}: {type(error).__name__}: {error}")
+
+
 def test_fuzzed_model_inputs_give_finite_outputs_or_a_clear_error(model):
     rng = random.Random(0)
     outcomes = {"ok": 0, "error": 0}
@@ -131,17 +143,13 @@ def test_fuzzed_model_inputs_give_finite_outputs_or_a_clear_error(model):
             inputs["attention_mask"] = rng.choice([torch.ones_like(input_ids), torch.ones(2, 5, dtype=torch.long)])
         return_loss = rng.random() < 0.5
         target = rng.choice([model, model.msclip])
-        described = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        try:
-            with torch.no_grad():
-                output = target(**inputs, return_loss=return_loss)
-        except (ValueError, TypeError) as error:
-            assert str(error), f"case {case} {described}: an error without a message"
+        shapes = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        described = f"case {case} {shapes} return_loss={return_loss}"
+        output = call_or_clear_error(lambda: target(**inputs, return_loss=return_loss), described)  # noqa: B023
+        if output is None:
             outcomes["error"] += 1
             continue
-        except Exception as error:  # noqa: BLE001 - any other exception is what this test is for
-            pytest.fail(f"case {case} {described} return_loss={return_loss}: {type(error).__name__}: {error}")
-        _assert_finite(output, f"case {case} {described}")
+        _assert_finite(output, described)
         outcomes["ok"] += 1
     assert outcomes["ok"] >= 10 and outcomes["error"] >= 20, outcomes
 
@@ -179,14 +187,10 @@ def test_fuzzed_processor_inputs_give_finite_outputs_or_a_clear_error(processor)
             call["text"] = _random_text(rng)
         if call.get("text") is None and "images" not in call:
             continue
-        try:
-            output = processor(**call, return_tensors="pt")
-        except (ValueError, TypeError) as error:
-            assert str(error), f"case {case} {call!r}: an error without a message"
+        output = call_or_clear_error(lambda: processor(**call, return_tensors="pt"), f"case {case} {call!r}")  # noqa: B023
+        if output is None:
             outcomes["error"] += 1
             continue
-        except Exception as error:  # noqa: BLE001 - any other exception is what this test is for
-            pytest.fail(f"case {case} {call!r}: {type(error).__name__}: {error}")
         _assert_finite(dict(output), f"case {case}")
         if "pixel_values" in output:
             assert output["pixel_values"].shape[1:] == (3, SIZE, SIZE)
