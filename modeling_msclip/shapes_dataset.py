@@ -91,6 +91,9 @@ class ShapesConfig:
     held_out_test_fraction: float = 0.5
     size_drop_probability: float = 0.25
     position_drop_probability: float = 0.15
+    # Share of object phrases that leave out the colour ("a large circle"); 0 draws exactly the captions it always
+    # drew (no extra random number is taken).
+    color_drop_probability: float = 0.0
 
     def __post_init__(self) -> None:
         if self.image_size < 32:  # two large objects side by side need about 32 pixels
@@ -100,6 +103,7 @@ class ShapesConfig:
             "held_out_test_fraction",
             "size_drop_probability",
             "position_drop_probability",
+            "color_drop_probability",
         )
         for name in probabilities:
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -131,10 +135,11 @@ class ShapeObject:
     radius: float
     rgb: tuple[int, int, int]
 
-    def phrase(self, with_size: bool = True) -> str:
-        """E.g. "a large red circle" (or "a red circle" without the size)."""
-        words = f"{self.size} {self.color} {self.shape}" if with_size else f"{self.color} {self.shape}"
-        return article(words)
+    def phrase(self, with_size: bool = True, with_color: bool = True) -> str:
+        """E.g. "a large red circle" (or "a red circle" without the size, "a large circle" without the colour)."""
+        words = [self.size] if with_size else []
+        words += [self.color, self.shape] if with_color else [self.shape]
+        return article(" ".join(words))
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,15 @@ def _sample_object(
     return ShapeObject(shape, color, size, position, float(center_x), float(center_y), float(radius), rgb)
 
 
+def _object_phrase(rng: np.random.Generator, obj: ShapeObject, config: ShapesConfig) -> str:
+    with_size = rng.random() >= config.size_drop_probability
+    # Only drawn when colours may be dropped, so that the default settings keep their random stream.
+    with_color = config.color_drop_probability == 0 or rng.random() >= config.color_drop_probability
+    return obj.phrase(with_size=with_size, with_color=with_color)
+
+
 def _caption_one(rng: np.random.Generator, obj: ShapeObject, config: ShapesConfig) -> str:
-    phrase = obj.phrase(with_size=rng.random() >= config.size_drop_probability)
+    phrase = _object_phrase(rng, obj, config)
     if rng.random() < config.position_drop_probability:
         return _choose(rng, ("{}", "a picture of {}", "there is {}")).format(phrase)
     where = POSITION_PHRASES[obj.position]
@@ -183,8 +195,8 @@ def _caption_one(rng: np.random.Generator, obj: ShapeObject, config: ShapesConfi
 
 
 def _caption_two(rng: np.random.Generator, left: ShapeObject, right: ShapeObject, config: ShapesConfig) -> str:
-    first = left.phrase(with_size=rng.random() >= config.size_drop_probability)
-    second = right.phrase(with_size=rng.random() >= config.size_drop_probability)
+    first = _object_phrase(rng, left, config)
+    second = _object_phrase(rng, right, config)
     template = _choose(
         rng,
         (
