@@ -29,7 +29,12 @@ from .data_msclip import (
     read_nonempty_lines,
 )
 from .modeling_msclip import MSClipForPreTraining
-from .trainer_msclip import MSClipTrainer, MSClipTrainingArguments, parse_arguments_for_this_machine
+from .trainer_msclip import (
+    MSClipTrainer,
+    MSClipTrainingArguments,
+    check_world_size,
+    parse_arguments_for_this_machine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +367,7 @@ def run_pretraining(
 
     ``callbacks`` are added to the trainer (e.g. evaluation callbacks).
     """
+    check_world_size(training_args)  # before anything is built: a launch on too few processes fails at once
     training_args.remove_unused_columns = False
     if training_args.ddp_find_unused_parameters is None:
         # Every parameter of every preset and objective gets a gradient each step (tests/test_trainer.py checks it),

@@ -69,8 +69,19 @@ class MSClipTrainingArguments(TrainingArguments, OutputArguments):
         },
     )
 
+    expected_world_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of processes this run must have over all machines (e.g. nodes x GPUs per node). The run "
+            "stops at start-up when its process group is smaller or larger, instead of training on fewer ranks "
+            "(as a DeepSpeed multi-node launch without a working hostfile or 'standard' launcher does)."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.expected_world_size is not None and self.expected_world_size < 1:
+            raise ValueError(f"--expected_world_size must be >= 1, got {self.expected_world_size}")
         if self.nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"--nonfinite_loss must be one of {NONFINITE_POLICIES}, got {self.nonfinite_loss!r}")
         if self.contrastive_micro_batches < 1:
@@ -287,6 +298,46 @@ def configure_cpu_distributed_state(uses_deepspeed: bool, timeout_seconds: int =
     return overrides
 
 
+def check_world_size(training_args: TrainingArguments) -> int:
+    """Stop with an error naming both numbers when the run has another number of processes than it was asked for.
+
+    Compared with the world size of the process group (the Trainer's, and `torch.distributed`'s where initialised):
+    ``WORLD_SIZE`` as the launcher (torchrun, ``accelerate launch``, DeepSpeed's launcher) exported it, and
+    ``--expected_world_size`` when given. The explicit option is the only reliable signal for launchers that shrink
+    the run themselves: accelerate 1.15 exports neither ``num_machines`` nor ``num_processes`` to the workers, and its
+    DeepSpeed multi-node launch without a hostfile (``deepspeed_multinode_launcher`` pdsh, the default) starts one
+    rank per machine with ``WORLD_SIZE=1``, each training alone. Returns the world size.
+    """
+    world_size = training_args.world_size
+    if dist.is_available() and dist.is_initialized():
+        group_size = dist.get_world_size()
+        if group_size != world_size:
+            raise RuntimeError(
+                f"The process group has {group_size} processes but the Trainer sees {world_size}: every rank would "
+                "train on the full data (see configure_cpu_distributed_state)."
+            )
+    exported = os.environ.get("WORLD_SIZE")
+    if exported is not None and exported.isdigit() and int(exported) != world_size:
+        raise RuntimeError(
+            f"The launcher exported WORLD_SIZE={exported} but this run's process group has {world_size} processes."
+        )
+    expected = getattr(training_args, "expected_world_size", None)
+    if expected is not None and expected != world_size:
+        hint = ""
+        if training_args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            hint = (
+                " Under `accelerate launch --num_machines N` DeepSpeed needs `deepspeed_multinode_launcher: standard`"
+                " in the accelerate config (one launch per machine), or a hostfile (`deepspeed_hostfile`) for pdsh;"
+                " without either each machine trains alone (DeepSpeed logs 'Unable to find hostfile')."
+            )
+        raise RuntimeError(
+            f"This run was asked for {expected} processes (--expected_world_size {expected}) but its process group "
+            f"has {world_size} (rank {training_args.process_index}); refusing to train on another number of "
+            f"processes.{hint} See docs/training.md, 'Several machines'."
+        )
+    return world_size
+
+
 def _requested(args: Sequence[str], settings: dict[str, Any], name: str, default: Any) -> Any:
     """The value of ``--name`` in a command line (``--name v`` or ``--name=v``) or a JSON settings dict."""
     if name in settings:
@@ -321,6 +372,7 @@ __all__ = [
     "MSClipTrainer",
     "MSClipTrainingArguments",
     "build_parameter_groups",
+    "check_world_size",
     "configure_cpu_distributed_state",
     "parse_arguments_for_this_machine",
     "is_no_decay_parameter",
