@@ -65,6 +65,25 @@ VISION_FIELDS = (
 )
 
 
+# `MSClipModel` key -> transformers `CLIPModel` key, for the tensors outside the blocks (both directions use it).
+TOP_LEVEL_KEYS = {
+    "text_model.embeddings.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "text_model.embeddings.position_embedding": "text_model.embeddings.position_embedding.weight",
+    "text_model.final_layer_norm.weight": "text_model.final_layer_norm.weight",
+    "text_model.final_layer_norm.bias": "text_model.final_layer_norm.bias",
+    "vision_model.embeddings.class_embedding": "vision_model.embeddings.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "vision_model.embeddings.patch_embedding.weight",
+    "vision_model.embeddings.position_embedding": "vision_model.embeddings.position_embedding.weight",
+    "vision_model.embeddings.pre_layernorm.weight": "vision_model.pre_layrnorm.weight",
+    "vision_model.embeddings.pre_layernorm.bias": "vision_model.pre_layrnorm.bias",
+    "vision_model.post_layernorm.weight": "vision_model.post_layernorm.weight",
+    "vision_model.post_layernorm.bias": "vision_model.post_layernorm.bias",
+    "text_projection.weight": "text_projection.weight",
+    "visual_projection.weight": "visual_projection.weight",
+    "logit_scale": "logit_scale",  # [1] here (DeepSpeed cannot partition 0-d), 0-d in CLIPModel
+}
+
+
 def config_from_clip(clip_config: CLIPConfig) -> MSClipConfig:
     """An `MSClipConfig` with the sizes of ``clip_config`` and no sharing."""
     text, vision = clip_config.text_config, clip_config.vision_config
@@ -80,22 +99,8 @@ def config_from_clip(clip_config: CLIPConfig) -> MSClipConfig:
 
 def convert_clip_state_dict(clip_state: dict[str, torch.Tensor], config: MSClipConfig) -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v of) a transformers CLIP state dict into `MSClipModel` keys."""
-    state = {
-        "text_model.embeddings.token_embedding.weight": clip_state["text_model.embeddings.token_embedding.weight"],
-        "text_model.embeddings.position_embedding": clip_state["text_model.embeddings.position_embedding.weight"],
-        "text_model.final_layer_norm.weight": clip_state["text_model.final_layer_norm.weight"],
-        "text_model.final_layer_norm.bias": clip_state["text_model.final_layer_norm.bias"],
-        "vision_model.embeddings.class_embedding": clip_state["vision_model.embeddings.class_embedding"],
-        "vision_model.embeddings.patch_embedding.weight": clip_state["vision_model.embeddings.patch_embedding.weight"],
-        "vision_model.embeddings.position_embedding": clip_state["vision_model.embeddings.position_embedding.weight"],
-        "vision_model.embeddings.pre_layernorm.weight": clip_state["vision_model.pre_layrnorm.weight"],
-        "vision_model.embeddings.pre_layernorm.bias": clip_state["vision_model.pre_layrnorm.bias"],
-        "vision_model.post_layernorm.weight": clip_state["vision_model.post_layernorm.weight"],
-        "vision_model.post_layernorm.bias": clip_state["vision_model.post_layernorm.bias"],
-        "text_projection.weight": clip_state["text_projection.weight"],
-        "visual_projection.weight": clip_state["visual_projection.weight"],
-        "logit_scale": clip_state["logit_scale"].reshape(1),
-    }
+    state = {ours: clip_state[theirs] for ours, theirs in TOP_LEVEL_KEYS.items()}
+    state["logit_scale"] = state["logit_scale"].reshape(1)
     for modality, tower in (("text", config.text_config), ("vision", config.vision_config)):
         for layer in range(tower.num_hidden_layers):
             source = f"{modality}_model.encoder.layers.{layer}."

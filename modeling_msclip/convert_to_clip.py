@@ -22,7 +22,7 @@ import torch
 from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from .configuration_msclip import MSClipConfig
-from .convert_clip import _LAYER_PARTS, TEXT_FIELDS, VISION_FIELDS
+from .convert_clip import _LAYER_PARTS, TEXT_FIELDS, TOP_LEVEL_KEYS, VISION_FIELDS
 from .modeling_msclip import MSClipModel
 
 
@@ -60,22 +60,8 @@ def clip_config_from(config: MSClipConfig) -> CLIPConfig:
 
 def to_clip_state_dict(state: dict[str, torch.Tensor], config: MSClipConfig) -> dict[str, torch.Tensor]:
     """Rename (and split q/k/v of) an `MSClipModel` state dict into transformers ``CLIPModel`` keys."""
-    clip = {
-        "text_model.embeddings.token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": state["text_model.embeddings.position_embedding"],
-        "text_model.final_layer_norm.weight": state["text_model.final_layer_norm.weight"],
-        "text_model.final_layer_norm.bias": state["text_model.final_layer_norm.bias"],
-        "vision_model.embeddings.class_embedding": state["vision_model.embeddings.class_embedding"],
-        "vision_model.embeddings.patch_embedding.weight": state["vision_model.embeddings.patch_embedding.weight"],
-        "vision_model.embeddings.position_embedding.weight": state["vision_model.embeddings.position_embedding"],
-        "vision_model.pre_layrnorm.weight": state["vision_model.embeddings.pre_layernorm.weight"],
-        "vision_model.pre_layrnorm.bias": state["vision_model.embeddings.pre_layernorm.bias"],
-        "vision_model.post_layernorm.weight": state["vision_model.post_layernorm.weight"],
-        "vision_model.post_layernorm.bias": state["vision_model.post_layernorm.bias"],
-        "text_projection.weight": state["text_projection.weight"],
-        "visual_projection.weight": state["visual_projection.weight"],
-        "logit_scale": state["logit_scale"].reshape(()),
-    }
+    clip = {theirs: state[ours] for ours, theirs in TOP_LEVEL_KEYS.items()}
+    clip["logit_scale"] = clip["logit_scale"].reshape(())
     for modality, tower in (("text", config.text_config), ("vision", config.vision_config)):
         for layer in range(tower.num_hidden_layers):
             source, target = f"encoder.layers.{layer}.", f"{modality}_model.encoder.layers.{layer}."

@@ -92,10 +92,10 @@ def prepare_data(folder: Path, num_train: int, config: Any) -> Path:
 
 def train_tokenizer(data: Path, output: Path, vocab_size: int) -> Path:
     """Train a BPE tokenizer on the training captions of ``data`` and save it into ``output``."""
+    from modeling_msclip.data_msclip import iter_captions
     from modeling_msclip.tokenization_msclip import train_msclip_tokenizer
 
-    with open(data / "train" / "metadata.jsonl", encoding="utf-8") as metadata:
-        captions = [json.loads(line)["text"] for line in metadata if line.strip()]
+    captions = list(iter_captions(data, split="train"))
     tokenizer = train_msclip_tokenizer(captions, vocab_size)
     tokenizer.save_pretrained(str(output))
     print(f"[demo] tokenizer with {len(tokenizer)} tokens trained on {len(captions)} captions: {output}")
@@ -301,7 +301,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=8000, help="training scenes to draw")
     parser.add_argument("--image-size", type=int, default=64, help="pixels; must match the preset's image_size")
     parser.add_argument(
-        "--vocab-size", type=int, default=768, help="size of the BPE vocabulary trained on the captions"
+        "--vocab-size", type=int, default=591, help="BPE vocabulary size (591: every merge the demo captions allow)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
