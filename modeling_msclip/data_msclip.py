@@ -285,6 +285,18 @@ def decode_image(value: Any) -> Image.Image:
     return convert_image_to_rgb(image)
 
 
+EMPTY_CAPTION = "empty caption"
+CORRUPT_IMAGE = "corrupt image"
+
+
+def describe_record(record: Mapping[str, Any], image_column: str = "image") -> str:
+    """A name for a record in skip messages: its webdataset key and shard, else its image path (else the caption)."""
+    if record.get("__key__"):
+        url = record.get("__url__")
+        return f"{record['__key__']} in {url}" if url else str(record["__key__"])
+    return _describe_image(record.get(image_column))
+
+
 def _describe_image(value: Any) -> str:
     if isinstance(value, Mapping):
         return str(value.get("path") or "<bytes>")
@@ -667,8 +679,10 @@ class ImageTextCollator:
         empty_caption = corrupt_image = 0
         for record in records:
             with self._record_rng(record):
-                caption, pixels, problem = self._decode_record(record)
-            if problem == "empty caption":
+                caption, pixels, problem, detail = self.decode_record(record)
+            if problem is not None:
+                self.stats.log_skip(problem, detail)
+            if problem == EMPTY_CAPTION:
                 empty_caption += 1
             elif problem is not None:
                 corrupt_image += 1
@@ -683,22 +697,28 @@ class ImageTextCollator:
         )
         return pixel_values, captions
 
-    def _decode_record(self, record: Mapping[str, Any]) -> tuple[str | None, torch.Tensor | None, str | None]:
-        """(caption, pixels, None) for a good record, else (None, None, reason) after logging the skip."""
+    def decode_record(
+        self, record: Mapping[str, Any]
+    ) -> tuple[str | None, torch.Tensor | None, str | None, str | None]:
+        """``(caption, pixels, None, None)`` for a good record, else ``(None, None, reason, detail)`` where the
+        reason is `EMPTY_CAPTION` or `CORRUPT_IMAGE` and the detail names the record (its key, source and error).
+        Never raises for a bad record and logs nothing (the caller counts and names skips)."""
         caption = extract_caption(record, self.text_column, self.caption_choice)
         if caption is None:
-            self.stats.log_skip("empty caption", _describe_image(record.get(self.image_column)))
-            return None, None, "empty caption"
+            return None, None, EMPTY_CAPTION, describe_record(record, self.image_column)
         try:
             pixels = self.image_transform(decode_image(record.get(self.image_column)))
         except Exception as error:  # any decode failure must skip the record, never end the run
-            self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
-            return None, None, "corrupt image"
-        return caption, pixels, None
+            return None, None, CORRUPT_IMAGE, f"{describe_record(record, self.image_column)}: {error!r}"
+        return caption, pixels, None, None
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Collate records into ``dict(input_ids, attention_mask, pixel_values, return_loss=True)``."""
         pixel_values, captions = self.decode_records(records)
+        return self.collate_decoded(pixel_values, captions)
+
+    def collate_decoded(self, pixel_values: Sequence[torch.Tensor], captions: Sequence[str]) -> dict[str, Any]:
+        """Tokenise decoded captions and stack transformed images into a training batch."""
         if not captions:
             width = self.max_length if self.padding == "max_length" else 0
             return {
@@ -708,7 +728,7 @@ class ImageTextCollator:
                 "return_loss": True,
             }
         text_inputs = self.tokenizer(
-            captions,
+            list(captions),
             padding="max_length" if self.padding == "max_length" else True,
             truncation=True,
             max_length=self.max_length,
@@ -919,6 +939,15 @@ def _assemble_webdataset_record(
     return {"image": image, "text": text, "__key__": key, "__url__": shard, "json": metadata}
 
 
+def _open_shard(shard: str) -> Any:
+    """A binary file object for a local shard path or an fsspec URL (``s3://``, ``gs://``, ``https://``, ...)."""
+    if "://" in shard:
+        import fsspec
+
+        return fsspec.open(shard, "rb").open()
+    return open(shard, "rb")
+
+
 def iter_webdataset_shard(
     shard: str, image_field: str | None = None, text_field: str | None = None
 ) -> Iterator[dict[str, Any]]:
@@ -931,7 +960,7 @@ def iter_webdataset_shard(
     """
     current_key, fields = None, {}
     try:
-        with tarfile.open(shard, mode="r|*") as archive:
+        with _open_shard(shard) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
             for member in archive:
                 if not member.isfile():
                     continue

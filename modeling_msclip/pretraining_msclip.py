@@ -6,6 +6,7 @@ Runs the same under plain ``python``, ``torchrun`` and ``accelerate launch`` (DD
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,8 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import IterableDataset
-from transformers import AutoImageProcessor, AutoProcessor, HfArgumentParser, TrainerCallback, set_seed
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    HfArgumentParser,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from .checkpointing_msclip import attach_checkpointing, checkpoint_to_resume
 from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
@@ -29,6 +37,7 @@ from .data_msclip import (
     read_nonempty_lines,
 )
 from .modeling_msclip import MSClipForPreTraining
+from .streaming_msclip import ImageTextStream, StreamMonitor, build_stream_sources, load_stream_state
 from .trainer_msclip import (
     MSClipTrainer,
     MSClipTrainingArguments,
@@ -92,7 +101,14 @@ class DataArguments:
     """Where the image-text pairs come from and how they are prepared."""
 
     train_data: str = field(
-        metadata={"help": "Training pairs: image folder, CSV/TSV/JSONL, webdataset shards, Hub name."}
+        metadata={
+            "help": "Training pairs: image folder, CSV/TSV/JSONL, webdataset shards (local or fsspec URLs), Hub name. "
+            "With --streaming, several sources joined by '::' are mixed (see --train_data_weights)."
+        }
+    )
+    train_data_weights: str | None = field(
+        default=None,
+        metadata={"help": "Mixing weights of the '::'-joined --train_data sources, e.g. '3::1' (default: equal)."},
     )
     train_format: str = field(default="auto", metadata={"help": "Format of --train_data (see docs/data.md)."})
     train_split: str | None = field(
@@ -102,8 +118,36 @@ class DataArguments:
     eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected by default)."})
     text_column: str | None = field(default=None, metadata={"help": "Caption column (auto-detected by default)."})
-    streaming: bool = field(default=False, metadata={"help": "Read the training data lazily (IterableDataset)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data (ImageTextStream): each rank and DataLoader worker reads its own "
+            "shards, shuffled, filtered before batching so every batch is full; resumable mid-epoch."
+        },
+    )
+    train_num_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Streaming: records per epoch over all ranks (default: counted from sizes.json, img2dataset "
+            "*_stats.json, tar headers or the dataset's length). Required with --dataset_resampled and remote shards."
+        },
+    )
+    dataset_resampled: bool = field(
+        default=False,
+        metadata={"help": "Streaming: draw shards with replacement; an epoch is --train_num_samples records."},
+    )
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "Streaming: records in the shuffle buffer of each worker (0: no shuffling)."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for the pre-scan of map-style data (run once, then cached)."}
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only the first N training pairs (streaming: an epoch of N records, as --train_num_samples)."
+        },
+    )
     text_padding: str = field(
         default="longest", metadata={"help": "'longest' pads each batch to its longest caption; 'max_length' to 77."}
     )
@@ -254,16 +298,43 @@ def build_processor(model_args: CheckpointArguments, image_size: int, require_to
 
 
 class DataStatsCallback(TrainerCallback):
-    """Logs how many records were skipped (corrupt image, empty caption) at the end of training."""
+    """Logs how many records were skipped (corrupt image, empty caption) at the end of training, summed over ranks,
+    and for a mixed stream the share of each source among the trained pairs against the share asked for."""
 
-    def __init__(self, stats: DataStats) -> None:
+    def __init__(self, stats: DataStats, monitor: StreamMonitor | None = None) -> None:
         self.stats = stats
+        self.monitor = monitor
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         counts = self.stats.as_dict(all_ranks=True)
+        entry: dict[str, Any] = {"data_" + key: value for key, value in counts.items()}
+        mixed = self.monitor is not None and len(self.monitor.stream.sources) > 1
+        if mixed:
+            shares = source_shares(self.monitor)
+            entry["data_source_shares"] = shares
         if state.is_world_process_zero:
             logger.warning(self.stats.summary(counts=counts))
-            state.log_history.append({"data_" + key: value for key, value in counts.items()})
+            if mixed:
+                weights = [source.weight for source in self.monitor.stream.sources]
+                asked = [weight / sum(weights) for weight in weights]
+                logger.warning(
+                    "data mix (achieved / asked): %s",
+                    ", ".join(f"{name} {share:.3f} / {want:.3f}" for (name, share), want in zip(shares.items(), asked)),
+                )
+            state.log_history.append(entry)
+
+
+def source_shares(monitor: StreamMonitor) -> dict[str, float]:
+    """Share of each source among the pairs trained on all ranks (a collective call under torch.distributed)."""
+    counts = torch.tensor(monitor.source_counts, dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        counts = counts.to(device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.cpu()
+    total = max(1, int(counts.sum()))
+    return {name: int(count) / total for name, count in zip(monitor.stream.source_names, counts.tolist())}
 
 
 class AugmentationEpochCallback(TrainerCallback):
@@ -328,33 +399,68 @@ def build_zero_shot_callback(data_args: DataArguments, processor: Any) -> Traine
     )
 
 
-def build_datasets(data_args: DataArguments, stats: DataStats) -> tuple[Any, Any]:
-    """Load train (and eval) pairs, dropping bad records of map-style data up front so ranks see equal batches."""
+def build_datasets(
+    data_args: DataArguments, stats: DataStats, training_args: TrainingArguments | None = None
+) -> tuple[Any, Any]:
+    """Load map-style train (and eval) pairs, dropping bad records up front so ranks see full batches.
 
-    def load(source: str, split: str | None, streaming: bool) -> Any:
+    The pre-scan runs on each machine's main process first, with ``--preprocessing_num_workers`` processes; the other
+    ranks then read its result from the datasets cache. Counting it on rank 0 only keeps the summed totals right.
+    (With ``--streaming`` the training data is an `ImageTextStream` instead, see `build_train_stream`.)
+    """
+
+    def load(source: str, split: str | None) -> Any:
         dataset = load_image_text_dataset(
             source,
             format=data_args.train_format,
             image_column=data_args.image_column,
             text_column=data_args.text_column,
             split=split,
-            streaming=streaming,
         )
         if not data_args.skip_record_check:
-            # Every rank scans the whole map-style dataset alike; counting on one keeps the summed totals right.
-            counted = streaming or int(os.environ.get("RANK", "0")) == 0
-            dataset = drop_bad_records(dataset, stats=stats if counted else None)
+            counted = int(os.environ.get("RANK", "0")) == 0
+            first = training_args.main_process_first(desc="pre-scan") if training_args else contextlib.nullcontext()
+            with first:
+                dataset = drop_bad_records(
+                    dataset, stats=stats if counted else None, num_proc=data_args.preprocessing_num_workers
+                )
         return dataset
 
-    train = load(data_args.train_data, data_args.train_split, data_args.streaming)
-    if data_args.max_train_samples is not None:
-        train = (
-            train.take(data_args.max_train_samples)
-            if data_args.streaming
-            else train.select(range(min(data_args.max_train_samples, len(train))))
-        )
-    evaluation = load(data_args.eval_data, data_args.eval_split, False) if data_args.eval_data else None
+    train = None
+    if not data_args.streaming:
+        train = load(data_args.train_data, data_args.train_split)
+        if data_args.max_train_samples is not None:
+            train = train.select(range(min(data_args.max_train_samples, len(train))))
+    evaluation = load(data_args.eval_data, data_args.eval_split) if data_args.eval_data else None
     return train, evaluation
+
+
+def build_train_stream(
+    data_args: DataArguments, training_args: TrainingArguments, collator: ImageTextCollator
+) -> ImageTextStream:
+    """The `ImageTextStream` of ``--streaming``: the ``::``-joined sources mixed by ``--train_data_weights``, sharded
+    over this run's ranks and ``--dataloader_num_workers`` workers, seeded by ``--data_seed`` (else ``--seed``)."""
+    sources = build_stream_sources(
+        data_args.train_data,
+        data_args.train_data_weights,
+        format=data_args.train_format,
+        split=data_args.train_split,
+        image_column=data_args.image_column,
+        text_column=data_args.text_column,
+    )
+    num_samples = data_args.train_num_samples or data_args.max_train_samples
+    return ImageTextStream(
+        sources,
+        collator,
+        batch_size=training_args.per_device_train_batch_size,
+        num_samples=num_samples,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+        shuffle_buffer=data_args.shuffle_buffer_size,
+        resampled=data_args.dataset_resampled,
+        rank=training_args.process_index,
+        world_size=training_args.world_size,
+        num_workers=training_args.dataloader_num_workers,
+    )
 
 
 def run_pretraining(
@@ -379,7 +485,7 @@ def run_pretraining(
     processor = build_processor(model_args, config.vision_config.image_size)
     model = build_model(model_args, processor.tokenizer, config)
     stats = DataStats()
-    train_dataset, eval_dataset = build_datasets(data_args, stats)
+    train_dataset, eval_dataset = build_datasets(data_args, stats, training_args)
     image_processor = processor.image_processor
     if data_args.no_augmentation:
         train_transform = EvalImageTransform(image_processor)
@@ -387,22 +493,35 @@ def run_pretraining(
         train_transform = TrainImageTransform.from_image_processor(
             image_processor, scale=(data_args.crop_scale_min, 1.0)
         )
-    streaming = isinstance(train_dataset, IterableDataset)
-    if not streaming:
-        # Records carry their index so that each sample's augmentation is a function of (seed, epoch, index):
-        # identical whichever rank or worker collates it, and after a resume.
-        train_dataset = IndexedDataset(train_dataset)
+    streaming = data_args.streaming
     augmentation_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     image_text_collator = ImageTextCollator(
         processor.tokenizer,
         train_transform,
         padding=data_args.text_padding,
         stats=stats,
-        augmentation_seed=None if streaming else augmentation_seed,
+        augmentation_seed=None if streaming else augmentation_seed,  # a stream seeds each record itself
     )
     collator: Any = image_text_collator
-    if data_args.log_seen_samples:
-        collator = SeenSampleRecorder(collator, data_args.log_seen_samples)
+    monitor = None
+    if streaming:
+        train_dataset = build_train_stream(data_args, training_args, image_text_collator)
+        seen_log = None
+        if data_args.log_seen_samples:
+            seen_log = Path(data_args.log_seen_samples) / f"seen_rank{training_args.process_index}.txt"
+        monitor = StreamMonitor(train_dataset, stats, seen_log=seen_log)
+        if checkpoint is not None:
+            state = load_stream_state(checkpoint, training_args.process_index)
+            if state is None:
+                logger.warning("%s holds no stream position: the resumed epoch is re-read from its start", checkpoint)
+            else:
+                monitor.load_state_dict(state)
+    else:
+        # Records carry their index so that each sample's augmentation is a function of (seed, epoch, index):
+        # identical whichever rank or worker collates it, and after a resume.
+        train_dataset = IndexedDataset(train_dataset)
+        if data_args.log_seen_samples:
+            collator = SeenSampleRecorder(collator, data_args.log_seen_samples)
     trainer = MSClipTrainer(
         model=model,
         args=training_args,
@@ -410,7 +529,12 @@ def run_pretraining(
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[DataStatsCallback(stats), AugmentationEpochCallback(image_text_collator), *(callbacks or [])],
+        callbacks=[
+            DataStatsCallback(stats, monitor),
+            AugmentationEpochCallback(image_text_collator),
+            *(callbacks or []),
+        ],
+        stream_monitor=monitor,
     )
     attach_checkpointing(trainer, checkpoint)
     zero_shot_callback = build_zero_shot_callback(data_args, processor)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,8 +31,10 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing_msclip import OutputArguments
+from .data_msclip import DataStats
 from .gradcache_msclip import gradcache_backward, split_batch
 from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_, logit_scale_exp
+from .streaming_msclip import RESUME_MARKER_KEY, STREAM_INFO_KEY, ImageTextStream, StreamMonitor, save_stream_state
 
 NONFINITE_POLICIES = ("auto", *FINITE_LOSS_POLICIES)
 
@@ -137,10 +140,19 @@ class MSClipTrainer(Trainer):
     # compute_loss returns the per-micro-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stream_monitor: StreamMonitor | None = None, **kwargs: Any) -> None:
+        """The `Trainer`'s arguments, plus ``stream_monitor`` when the train dataset is an `ImageTextStream` (it
+        accounts for the consumed batches and saves the stream's position with each checkpoint)."""
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MSClipTrainingArguments):
             raise TypeError("MSClipTrainer needs MSClipTrainingArguments")
+        if isinstance(self.train_dataset, ImageTextStream) and stream_monitor is None:
+            stream_monitor = StreamMonitor(self.train_dataset, DataStats())
+        self.stream_monitor = stream_monitor
+        self._data_wait_seconds = 0.0
+        self._samples_since_log = 0
+        self._last_log_time: float | None = None
+        self._throughput_step = 0
         self.nonfinite_policy = self.args.nonfinite_loss
         if self.nonfinite_policy == "auto":
             self.nonfinite_policy = "raise" if self.is_deepspeed_enabled else "skip"
@@ -154,6 +166,68 @@ class MSClipTrainer(Trainer):
         self._skip_this_step = False
         self.skipped_nonfinite_steps = 0
         self.add_callback(_MSClipStepCallback(self))
+
+    # ------------------------------------------------------------------ data
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """The Trainer's loader, or for an `ImageTextStream` a loader that reads it as it is: the stream is already
+        sharded by rank and batches itself, so accelerate must neither shard it again nor dispatch its batches."""
+        if not isinstance(self.train_dataset, ImageTextStream):
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+
+        stream = self.train_dataset
+        if stream.num_workers != self.args.dataloader_num_workers:
+            raise ValueError(
+                f"the stream was built for {stream.num_workers} DataLoader workers, the run has "
+                f"--dataloader_num_workers {self.args.dataloader_num_workers}"
+            )
+        if self.args.dataloader_persistent_workers:
+            raise ValueError("--dataloader_persistent_workers cannot be used with a stream: each epoch starts new ones")
+        options: dict[str, Any] = {"num_workers": self.args.dataloader_num_workers}
+        if self.args.dataloader_num_workers > 0:
+            options["prefetch_factor"] = self.args.dataloader_prefetch_factor
+            options["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, pin_memory=self.args.dataloader_pin_memory, **options
+        )
+        return prepare_data_loader(loader, device=self.args.device, num_processes=1, process_index=0)
+
+    def num_examples(self, dataloader: torch.utils.data.DataLoader) -> int:
+        """Pairs per epoch on this rank (a stream's length is in batches)."""
+        if isinstance(self.train_dataset, ImageTextStream) and dataloader.dataset is self.train_dataset:
+            return len(self.train_dataset) * self.train_dataset.batch_size
+        return super().num_examples(dataloader)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
+        """The Trainer's prefetch of one optimizer step's batches, timed: the wait is logged as ``data_wait_s``."""
+        start = time.perf_counter()
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        end = time.perf_counter()
+        if self._last_log_time is None:  # the first fetch starts the workers: measure from its end
+            self._last_log_time, self._throughput_step = end, self.state.global_step
+        else:
+            self._data_wait_seconds += end - start
+        return batches, num_items
+
+    def _consume_stream_info(self, inputs: dict[str, Any]) -> None:
+        if RESUME_MARKER_KEY in inputs:
+            raise RuntimeError(
+                "a resume marker of the data stream reached training: the Trainer skipped fewer batches than the "
+                "stream's saved position (was the checkpoint made with other --gradient_accumulation_steps?)"
+            )
+        info = inputs.pop(STREAM_INFO_KEY, None)
+        if info is not None and self.stream_monitor is not None:
+            self.stream_monitor.consume(info)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, plus this rank's stream position (before the completion marker is written)."""
+        super()._save_checkpoint(model, trial)
+        if self.stream_monitor is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_stream_state(self.stream_monitor, folder, self.args.process_index)
 
     # ------------------------------------------------------------------ optimizer
 
@@ -181,6 +255,9 @@ class MSClipTrainer(Trainer):
     ) -> torch.Tensor:
         """The Trainer's step, or with ``--contrastive_micro_batches k > 1`` a gradient-cached step over k
         micro-batches (`gradcache_msclip.gradcache_backward`)."""
+        self._consume_stream_info(inputs)
+        if "pixel_values" in inputs:
+            self._samples_since_log += int(inputs["pixel_values"].shape[0])
         if self.args.contrastive_micro_batches == 1:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.is_deepspeed_enabled:
@@ -243,7 +320,19 @@ class MSClipTrainer(Trainer):
             self._term_sums, self._term_count = {}, 0
         if "loss" in logs:
             logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+            self._log_throughput(logs)
         super().log(logs, start_time)
+
+    def _log_throughput(self, logs: dict[str, float]) -> None:
+        """Per-step data wait and pairs/s per device since the last log (this rank's; measured from the end of the
+        first fetch, so starting the workers is not counted)."""
+        now = time.perf_counter()
+        steps = self.state.global_step - self._throughput_step
+        if self._last_log_time is not None and steps > 0:
+            logs["data_wait_s"] = round(self._data_wait_seconds / steps, 6)
+            logs["samples_per_second_per_device"] = round(self._samples_since_log / (now - self._last_log_time), 3)
+        self._last_log_time, self._throughput_step = now, self.state.global_step
+        self._data_wait_seconds, self._samples_since_log = 0.0, 0
 
 
 class _MSClipStepCallback(TrainerCallback):
