@@ -391,6 +391,16 @@ class ImageTextStream(torch.utils.data.IterableDataset):
                 "seed and world size"
             )
         self._resume = {int(worker): StreamPosition(**position) for worker, position in state["workers"].items()}
+        for worker, position in sorted(self._resume.items()):
+            logger.warning(
+                "rank %d worker %d: the data stream resumes in epoch %d after batch %d, re-reading %d records "
+                "without decoding them",
+                self.rank,
+                worker,
+                position.epoch,
+                position.batches,
+                position.records,
+            )
 
     # ------------------------------------------------------------------ records
 
