@@ -616,9 +616,11 @@ class ImageTextCollator:
     """Decode, filter, transform and tokenise a list of records into a CLIP training batch.
 
     Records with an empty or missing caption, or an image that cannot be decoded (or transformed), are dropped
-    from the batch and counted in `stats`; they never raise. The batch can therefore be smaller than requested,
-    and when every record is bad it is empty (``input_ids.shape[0] == 0``): training loops should skip such a
-    batch (under DDP, take a zero loss that still touches the parameters so every rank joins the reduction).
+    from the batch and counted in `stats`; they never raise. With ``refill_from`` (the training `IndexedDataset`)
+    each dropped record is replaced by a record drawn from it, so that the batch keeps its size (contrastive losses
+    under DDP need the same batch size on every rank); without it the batch can be smaller than requested, or empty
+    (``input_ids.shape[0] == 0``) when every record is bad. Streams filter before batching instead
+    (`streaming_msclip.ImageTextStream` uses `decode_record` and `collate_decoded`).
     Works as a `DataLoader` ``collate_fn`` with ``num_workers > 0``: the counts reach the main process.
     """
 
@@ -634,6 +636,8 @@ class ImageTextCollator:
         caption_choice: str = "random",
         stats: DataStats | None = None,
         augmentation_seed: int | None = None,
+        refill_from: "IndexedDataset | None" = None,
+        max_refill_draws: int = 100,
     ) -> None:
         """Configure the collator.
 
@@ -651,6 +655,10 @@ class ImageTextCollator:
                 by ``(augmentation_seed, epoch, record["__index__"])`` (see `IndexedDataset`), so a sample is
                 augmented identically whichever worker, rank or resumed run collates it. Set ``collator.epoch``
                 at each epoch. ``None`` uses torch's global RNG.
+            refill_from: replace each bad record that carries ``"__index__"`` by one drawn from this dataset, at an
+                index that is a function of ``(augmentation_seed, epoch, index, draw)`` (the same on every rank and
+                after a resume). Records without an index (evaluation data) are not refilled.
+            max_refill_draws: stop with an error when this many draws in a row find no good record.
         """
         if padding not in (True, "longest", "max_length"):
             raise ValueError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
@@ -665,6 +673,8 @@ class ImageTextCollator:
         self.caption_choice = caption_choice
         self.stats = stats if stats is not None else DataStats()
         self.augmentation_seed = augmentation_seed
+        self.refill_from = refill_from
+        self.max_refill_draws = max_refill_draws
         self.epoch = 0
 
     def _record_rng(self, record: Mapping[str, Any]) -> contextlib.AbstractContextManager:
@@ -676,26 +686,41 @@ class ImageTextCollator:
     def decode_records(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor], list[str]]:
         """Return the transformed images and captions of the good records, counting the bad ones."""
         pixel_values, captions = [], []
-        empty_caption = corrupt_image = 0
+        empty_caption = corrupt_image = seen = 0
         for record in records:
-            with self._record_rng(record):
-                caption, pixels, problem, detail = self.decode_record(record)
-            if problem is not None:
+            for draw in range(self.max_refill_draws + 1):
+                seen += 1
+                with self._record_rng(record):
+                    caption, pixels, problem, detail = self.decode_record(record)
+                if problem is None:
+                    pixel_values.append(pixels)
+                    captions.append(caption)
+                    break
                 self.stats.log_skip(problem, detail)
-            if problem == EMPTY_CAPTION:
-                empty_caption += 1
-            elif problem is not None:
-                corrupt_image += 1
+                if problem == EMPTY_CAPTION:
+                    empty_caption += 1
+                else:
+                    corrupt_image += 1
+                if self.refill_from is None or INDEX_KEY not in record:
+                    break
+                record = self._replacement(record, draw)
             else:
-                pixel_values.append(pixels)
-                captions.append(caption)
+                raise RuntimeError(
+                    f"{self.max_refill_draws} records drawn in a row to replace a bad one were bad too: is most of the "
+                    "training data unreadable?"
+                )
         self.stats.add(
-            seen=len(records),
+            seen=seen,
             kept=len(captions),
             skipped_corrupt_image=corrupt_image,
             skipped_empty_caption=empty_caption,
         )
         return pixel_values, captions
+
+    def _replacement(self, record: Mapping[str, Any], draw: int) -> Mapping[str, Any]:
+        """The record that replaces a bad one: drawn by index, reproducibly (see ``refill_from``)."""
+        key = hash((self.augmentation_seed or 0, self.epoch, int(record[INDEX_KEY]), draw, 0x5EED))  # ints only
+        return self.refill_from[key % len(self.refill_from)]
 
     def decode_record(
         self, record: Mapping[str, Any]

@@ -520,6 +520,7 @@ def run_pretraining(
         # Records carry their index so that each sample's augmentation is a function of (seed, epoch, index):
         # identical whichever rank or worker collates it, and after a resume.
         train_dataset = IndexedDataset(train_dataset)
+        image_text_collator.refill_from = train_dataset  # a bad record is replaced, so batches stay full
         if data_args.log_seen_samples:
             collator = SeenSampleRecorder(collator, data_args.log_seen_samples)
     trainer = MSClipTrainer(
