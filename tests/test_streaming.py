@@ -255,3 +255,30 @@ def test_a_map_style_dataset_as_a_source(collator):
     for rank in range(2):
         keys += keys_of(read_epoch(ImageTextStream([source], collator, batch_size=3, rank=rank, world_size=2), 0, 0))
     assert sorted(keys) == sorted(f"a red cat {index}" for index in range(12))
+
+
+def test_map_style_batches_of_bad_records_are_refilled_to_full_size(collator):
+    from modeling_msclip.data_msclip import IndexedDataset
+
+    images = [{"bytes": png(index) if index % 3 else b"broken", "path": None} for index in range(12)]
+    dataset = IndexedDataset(
+        datasets.Dataset.from_dict(
+            {"image": images, "text": [f"a red cat {index}" for index in range(12)]},
+            features=datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string")}),
+        )
+    )
+    bad = [dataset[index] for index in (0, 3, 6, 9)]  # every record of the batch is bad
+    refilling = ImageTextCollator(
+        collator.tokenizer, collator.image_transform, refill_from=dataset, augmentation_seed=0, stats=DataStats()
+    )
+    batch = refilling(bad)
+    assert batch["pixel_values"].shape[0] == 4 and batch["input_ids"].shape[0] == 4
+    counts = refilling.stats.as_dict()
+    assert counts["kept"] == 4 and counts["seen"] == counts["kept"] + counts["skipped_corrupt_image"] >= 8
+    again = ImageTextCollator(collator.tokenizer, collator.image_transform, refill_from=dataset, augmentation_seed=0)
+    assert torch.equal(again(bad)["input_ids"], batch["input_ids"])  # the same replacements every time
+    plain = ImageTextCollator(collator.tokenizer, collator.image_transform)
+    assert plain(bad)["input_ids"].shape[0] == 0  # without a dataset to draw from, the batch is empty
+    hopeless = IndexedDataset(dataset.dataset.select([0, 3, 6, 9]))
+    with pytest.raises(RuntimeError, match="were bad too"):
+        ImageTextCollator(collator.tokenizer, collator.image_transform, refill_from=hopeless)([hopeless[0]])
