@@ -17,8 +17,10 @@ Conventions shared by every metric (see docs/evaluation.md for the exact definit
   at least as high as the right one. A collapsed model (all scores equal) therefore scores 0, never 100 %.
 * Every metric is a fraction in [0, 1].
 
-Command line (data in any format `load_eval_dataset` reads: class folders, image folders with ``metadata.jsonl``,
-CSV/JSONL, webdataset shards, `Dataset.save_to_disk` folders; ``--shapes-data`` takes the embedded shapes dataset)::
+Command line (data in any format `load_eval_dataset` reads, i.e. `data_msclip.load_dataset`: class folders, image
+folders with ``metadata.jsonl``, CSV/TSV/JSONL/Parquet, webdataset shards, `Dataset.save_to_disk` folders, Hub
+datasets; ``--format`` / ``--zero-shot-format`` / ... name the format instead of detecting it; ``--shapes-data``
+takes the embedded shapes dataset)::
 
     python -m modeling_msclip.evaluation_msclip --model DIR --zero-shot-data DIR --retrieval-data DIR \
         --linear-probe-train DIR --linear-probe-test DIR --shapes-data DIR --output results.json
@@ -44,7 +46,7 @@ from transformers import TrainerCallback
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessorMixin
 
-from .data_msclip import decode_image, read_nonempty_lines
+from .data_msclip import FORMATS, decode_image, read_nonempty_lines
 
 logger = logging.getLogger(__name__)
 
@@ -1144,70 +1146,69 @@ EVAL_PURPOSES = ("auto", "classification", "retrieval")
 
 
 def load_eval_dataset(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Any,
     max_samples: int | None = None,
     *,
     split: str | None = None,
     purpose: str = "auto",
-    label_column: str = "label",
+    format: str = "auto",
+    image_column: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
     class_names: Sequence[str] | None = None,
     require_class_names: bool = False,
 ) -> Any:
-    """Load an evaluation dataset through the project's data loaders (images stay undecoded until used).
+    """Load an evaluation dataset through the project's one loader, `data_msclip.load_dataset` (images stay
+    undecoded until used).
 
-    Sources:
-
-    * a `Dataset.save_to_disk` folder, returned as saved (a `DatasetDict` folder needs ``split``);
-    * class folders ``root/<class>/*`` (labels follow the sorted folder names), also inside split folders and next
-      to a ``metadata.jsonl`` (Fashion-MNIST as ``processing/fashion_mnist.py`` writes it);
-    * for ``purpose="classification"``: anything `finetuning_msclip.load_classification_dataset` reads, e.g. an
-      image folder whose ``metadata.jsonl`` holds ``label_column`` (records with a negative label are dropped);
-    * otherwise anything `data_msclip.load_image_text_dataset` reads: an image folder with captions in
-      ``metadata.jsonl``, CSV/TSV/JSONL tables, webdataset shards, Hub datasets.
+    Every format of docs/data.md is read, detected by the same rules as everywhere (``format="auto"``) or named
+    with ``format``: class folders, image folders with ``metadata.jsonl`` (captions and/or label columns),
+    CSV/TSV/JSONL/Parquet tables, webdataset shards (retrieval), ``save_to_disk`` folders, Hub datasets. A folder
+    with a metadata file is an image folder: its classification needs a label column (``label`` or
+    ``label_column``); for class sub-folders next to a metadata file (the Fashion-MNIST tree) pass
+    ``format="classfolder"``.
 
     Args:
-        path: folder, file, shard pattern or Hub name.
+        path: folder, file, shard pattern, Hub id or `datasets` object.
         max_samples: keep N records drawn at random (seed 0) without replacement, so that a folder sorted by class
             still yields every class.
-        split: split to use when the source has several; ``path/split`` is used when that folder exists.
+        split: split to use when the source has several (``path/split`` is read when that folder exists).
         purpose: ``"classification"`` (image + label: zero-shot, linear probe), ``"retrieval"`` (image + caption)
             or ``"auto"`` (class folders as classification data, anything else as image-text data).
-        label_column: label column for classification data (renamed to ``label``).
+        format: one of `data_msclip.FORMATS`.
+        image_column / text_column: columns of a table or datasets source (detected when None).
+        label_column: label column for classification data (renamed to ``label``; default ``label``).
         class_names: names of integer labels that carry none (classification only).
         require_class_names: raise when integer labels have no names (zero-shot prompts need them).
 
     Returns:
-        A `datasets.Dataset` with ``image`` and ``label`` (classification) or ``text`` (image-text) columns.
+        A `datasets.Dataset` with ``image`` and ``label`` (a `ClassLabel`: classification) or ``text`` (image-text)
+        columns.
     """
-    import datasets
-
-    from .data_msclip import load_class_folder_dataset, load_image_text_dataset, pick_split
-    from .finetuning_msclip import labelled_folder_format, load_classification_dataset
+    from .data_msclip import detect_format, load_dataset, prepare_labels
 
     if purpose not in EVAL_PURPOSES:
         raise ValueError(f"purpose must be one of {EVAL_PURPOSES}, got {purpose!r}")
-    source = os.fspath(path)
-    local = Path(source)
-    if local.is_dir() and split is not None and (local / split).is_dir():
-        local, split = local / split, None
-        source = str(local)
-    looks_like_hub_name = not local.is_absolute() and source.count("/") <= 1 and not source.startswith(".")
-    if not local.exists() and not looks_like_hub_name:
-        raise FileNotFoundError(f"dataset {path} does not exist")
-    labelled = {"label_column": label_column, "class_names": class_names, "require_class_names": require_class_names}
-    saved_dict = local.is_dir() and (local / "dataset_dict.json").is_file()
-    saved_dataset = local.is_dir() and (local / "dataset_info.json").is_file() and (local / "state.json").is_file()
-    if saved_dict or saved_dataset:
-        dataset = datasets.load_from_disk(source)
-        dataset = pick_split(dataset, split, path)
-        if purpose == "classification":
-            dataset, _ = load_classification_dataset(dataset, **labelled)
-    elif purpose == "classification":
-        dataset, _ = load_classification_dataset(source, split=split, **labelled)
-    elif purpose == "auto" and local.is_dir() and labelled_folder_format(local) == "classfolder":
-        dataset, _ = load_class_folder_dataset(source, split=split)
-    else:
-        dataset = load_image_text_dataset(source, split=split)
+    if purpose == "auto":
+        if isinstance(path, (str, os.PathLike)):
+            kind = detect_format(path) if format == "auto" else format
+            purpose = "classification" if kind == "classfolder" else "retrieval"
+        else:
+            features = getattr(path, "features", None) or {}
+            labelled = type(features.get(label_column or "label")).__name__ == "ClassLabel"
+            purpose = "classification" if labelled and "text" not in features else "retrieval"
+    task = "classification" if purpose == "classification" else "image-text"
+    dataset = load_dataset(
+        path,
+        format=format,
+        task=task,
+        split=split,
+        image_column=image_column,
+        text_column=text_column,
+        label_column=label_column,
+    )
+    if task == "classification":
+        dataset, _ = prepare_labels(dataset, class_names=class_names, require_class_names=require_class_names)
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.shuffle(seed=0).select(range(max_samples))
     return dataset
@@ -1294,7 +1295,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shapes-split", default="test", help="split of --shapes-data to evaluate (default: test)")
     parser.add_argument("--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)")
     parser.add_argument("--split", help="split of --zero-shot-data / --retrieval-data when they hold several")
-    parser.add_argument("--label-column", default="label", help="label column of the labelled data")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="format of every data option (default auto: detected, see docs/data.md); a folder with a "
+        "metadata.jsonl is an image folder, so class sub-folders next to one need classfolder",
+    )
+    for option, data in (
+        ("zero-shot", "--zero-shot-data"),
+        ("retrieval", "--retrieval-data"),
+        ("linear-probe", "both --linear-probe-* sources"),
+    ):
+        parser.add_argument(f"--{option}-format", choices=FORMATS, help=f"format of {data} (default: --format)")
+    parser.add_argument("--image-column", help="image column of a table or datasets source (default: detected)")
+    parser.add_argument("--text-column", help="caption column of the retrieval data (default: detected)")
+    parser.add_argument("--label-column", help="label column of the labelled data (default: label)")
     parser.add_argument(
         "--max-samples", type=int, help="use at most this many records of each dataset (a seeded random subset)"
     )
@@ -1314,11 +1330,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     model, processor = load_model_and_processor(args.model, args.device)
     class_names = read_nonempty_lines(args.class_names) if args.class_names else None
-    labelled = {"purpose": "classification", "label_column": args.label_column, "class_names": class_names}
+    columns = {"image_column": args.image_column}
+    labelled = {"purpose": "classification", "label_column": args.label_column, "class_names": class_names, **columns}
     results: dict[str, Any] = {}
     if args.zero_shot_data:
         dataset = load_eval_dataset(
-            args.zero_shot_data, args.max_samples, split=args.split, require_class_names=True, **labelled
+            args.zero_shot_data,
+            args.max_samples,
+            split=args.split,
+            format=args.zero_shot_format or args.format,
+            require_class_names=True,
+            **labelled,
         )
         results["zeroshot"] = evaluate_zero_shot(
             model,
@@ -1329,14 +1351,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             batch_size=args.batch_size,
         )
     if args.retrieval_data:
-        dataset = load_eval_dataset(args.retrieval_data, args.max_samples, split=args.split, purpose="retrieval")
+        dataset = load_eval_dataset(
+            args.retrieval_data,
+            args.max_samples,
+            split=args.split,
+            purpose="retrieval",
+            format=args.retrieval_format or args.format,
+            text_column=args.text_column,
+            **columns,
+        )
         results["retrieval"] = evaluate_retrieval(model, processor, dataset, batch_size=args.batch_size)
     if args.linear_probe_train:
+        probe_format = args.linear_probe_format or args.format
         results["linear_probe"] = evaluate_linear_probe(
             model,
             processor,
-            load_eval_dataset(args.linear_probe_train, args.max_samples, **labelled),
-            load_eval_dataset(args.linear_probe_test, args.max_samples, **labelled),
+            load_eval_dataset(args.linear_probe_train, args.max_samples, format=probe_format, **labelled),
+            load_eval_dataset(args.linear_probe_test, args.max_samples, format=probe_format, **labelled),
             batch_size=args.batch_size,
             device=args.device,
         )

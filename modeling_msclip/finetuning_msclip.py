@@ -16,7 +16,6 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -34,18 +33,15 @@ from transformers import (
 from .checkpointing_msclip import OutputArguments, attach_checkpointing, checkpoint_to_resume
 from .configuration_msclip import MSClipConfig
 from .data_msclip import (
-    IMAGE_EXTENSIONS,
-    IMAGE_FEATURE,
-    METADATA_FILENAMES,
+    FORMATS,
     DataStats,
     EvalImageTransform,
     ImageClassificationCollator,
     TrainImageTransform,
-    class_name_from_folder,
     decode_image,
     images_decodable,
-    load_class_folder_dataset,
-    pick_split,
+    load_dataset,
+    prepare_labels,
     read_nonempty_lines,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
@@ -56,7 +52,6 @@ from .trainer_msclip import parse_arguments_for_this_machine
 
 logger = logging.getLogger(__name__)
 
-DATA_FORMATS = ("auto", "classfolder", "disk", "imagefolder", "hub")
 STAGE_KEY = "__stage__"
 # Images encoded to calibrate the scale of a text-initialised head.
 HEAD_CALIBRATION_IMAGES = 64
@@ -90,18 +85,30 @@ class DataArguments:
 
     train_data: str = field(
         metadata={
-            "help": "Training images: class folders (root/<class>/*.png, or root/<split>/<class>/*), a "
-            "save_to_disk folder, an imagefolder with a label column in metadata.jsonl, or a Hub dataset."
+            "help": "Training images: class folders (root/<class>/*.png, or root/<split>/<class>/*), an image "
+            "folder with a label column in metadata.jsonl, a CSV/TSV/JSONL/Parquet table, a save_to_disk folder or a "
+            "Hub dataset (see docs/data.md)."
         }
     )
     eval_data: str | None = field(default=None, metadata={"help": "Evaluation images (same formats)."})
     train_split: str | None = field(default=None, metadata={"help": "Split of --train_data (e.g. train)."})
     eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data (e.g. test)."})
-    data_format: str = field(
-        default="auto", metadata={"help": f"One of {DATA_FORMATS}; auto tells class folders and saved datasets apart."}
+    format: str = field(
+        default="auto",
+        metadata={
+            "help": f"Format of --train_data and --eval_data, one of {FORMATS}. auto detects it (docs/data.md); "
+            "a folder with a metadata.jsonl is an image folder, so pass classfolder to read class sub-folders next "
+            "to one (the Fashion-MNIST tree)."
+        },
     )
-    image_column: str = field(default="image", metadata={"help": "Image column of a datasets source."})
-    label_column: str = field(default="label", metadata={"help": "Label column of a datasets source."})
+    eval_format: str | None = field(default=None, metadata={"help": "Format of --eval_data (default: --format)."})
+    data_format: str | None = field(default=None, metadata={"help": "Deprecated name of --format."})
+    image_column: str | None = field(
+        default=None, metadata={"help": "Image column of a table or datasets source (default: detected)."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column (default: label; class folders: the folder names)."}
+    )
     class_names: str | None = field(
         default=None,
         metadata={"help": "Text file of class names in label order, for integer labels without ClassLabel names."},
@@ -132,138 +139,29 @@ def parse_finetuning_arguments(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-
-
-def _holds_images(folder: Path) -> bool:
-    return any(entry.is_file() and entry.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for entry in folder.iterdir())
-
-
-def _holds_metadata(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in METADATA_FILENAMES)
-
-
-def labelled_folder_format(folder: str | os.PathLike, _depth: int = 0) -> str:
-    """Tell class folders from a captioned image folder: ``"classfolder"`` or ``"imagefolder"``.
-
-    Class folders hold ``<class>/*.png`` (directly or inside split folders); a split or class folder may have a
-    ``metadata.jsonl`` next to its class sub-folders (as `processing/fashion_mnist.py` writes). An image folder
-    holds its images and ``metadata.jsonl`` side by side (as the shapes dataset does), directly or per split.
-    """
-    folder = Path(folder)
-    subfolders = sorted(child for child in folder.iterdir() if child.is_dir())
-    if any(_holds_images(child) and not _holds_metadata(child) for child in subfolders):
-        return "classfolder"
-    if _holds_metadata(folder) or _holds_images(folder) or _depth >= 1:
-        return "imagefolder"
-    kinds = {labelled_folder_format(child, _depth + 1) for child in subfolders}
-    return "classfolder" if "classfolder" in kinds else "imagefolder"
-
-
-def _detect_data_format(source: str, split: str | None) -> str:
-    path = Path(source)
-    if not path.exists():
-        if path.is_absolute() or source.startswith(".") or source.count("/") > 1:
-            raise FileNotFoundError(f"No such dataset folder: {source}")
-        return "hub"
-    if not path.is_dir():
-        raise ValueError(f"{source} is a file; classification data is a folder (class folders, saved dataset)")
-    if _is_saved_dataset(path):
-        return "disk"
-    return labelled_folder_format(path / split if split is not None and (path / split).is_dir() else path)
-
-
 def load_classification_dataset(
     source: str | os.PathLike | datasets.Dataset,
     *,
     split: str | None = None,
-    data_format: str = "auto",
-    image_column: str = "image",
-    label_column: str = "label",
+    format: str = "auto",
+    image_column: str | None = None,
+    label_column: str | None = None,
     class_names: Sequence[str] | None = None,
     require_class_names: bool = False,
 ) -> tuple[datasets.Dataset, list[str]]:
-    """Load labelled images with canonical ``image`` (undecoded) and ``label`` (`datasets.ClassLabel`) columns.
+    """Labelled images with canonical ``image`` (undecoded) and ``label`` (`datasets.ClassLabel`) columns.
 
-    Sources: class folders (``root/<class>/*``, see `load_class_folder_dataset`), a ``save_to_disk`` folder, an
-    imagefolder whose ``metadata.jsonl`` holds the label column, a Hub dataset name, or a `datasets.Dataset`.
-    Labels may be a `ClassLabel`, strings (encoded in sorted order) or integers (named by ``class_names``, else
-    by their number, unless ``require_class_names``, which makes that an error: zero-shot prompts need real names).
-    Records with a missing or negative label are dropped.
+    ``data_msclip.load_dataset(source, task="classification", ...)`` (every format of docs/data.md, detected by
+    the one set of rules) followed by ``data_msclip.prepare_labels`` (ClassLabel, class names, records with a
+    missing or negative label dropped).
 
     Returns:
         The dataset and the readable class names in label order (folder underscores become spaces).
     """
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"Unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
-    if isinstance(source, datasets.Dataset):
-        dataset = source
-    else:
-        source = os.fspath(source)
-        if data_format == "auto":
-            data_format = _detect_data_format(source, split)
-        if data_format == "classfolder":
-            dataset, _ = load_class_folder_dataset(source, split=split)
-        elif data_format == "disk":
-            dataset = pick_split(datasets.load_from_disk(source), split, source)
-        elif data_format == "imagefolder":
-            if split is not None and (Path(source) / split).is_dir():  # read only that split's folder
-                source, split = str(Path(source) / split), None
-            dataset = pick_split(datasets.load_dataset("imagefolder", data_dir=source, split=split), split, source)
-        else:
-            dataset = pick_split(datasets.load_dataset(source, split=split), split, source)
-    for wanted, canonical in ((image_column, "image"), (label_column, "label")):
-        if wanted not in dataset.column_names:
-            raise ValueError(f"The {canonical} column {wanted!r} is not among the columns {dataset.column_names}")
-    if image_column != "image":
-        dataset = dataset.rename_column(image_column, "image")
-    if label_column != "label":
-        if "label" in dataset.column_names:
-            dataset = dataset.remove_columns("label")
-        dataset = dataset.rename_column(label_column, "label")
-    image_feature = dataset.features["image"]
-    if isinstance(image_feature, datasets.Image) or (
-        isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string")
-    ):
-        dataset = dataset.cast_column("image", IMAGE_FEATURE)  # decode in the collator, where bad images are skipped
-    dataset = _as_class_label(dataset, class_names, require_class_names)
-    return dataset, [class_name_from_folder(name) for name in dataset.features["label"].names]
-
-
-def _is_labelled(value: Any) -> bool:
-    return value is not None and value != "" and not (isinstance(value, int) and value < 0)
-
-
-def _as_class_label(
-    dataset: datasets.Dataset, class_names: Sequence[str] | None, require_class_names: bool = False
-) -> datasets.Dataset:
-    """Give the ``label`` column a ClassLabel feature and drop unlabelled records (None, empty or negative)."""
-    feature = dataset.features["label"]
-    before = len(dataset)
-    dataset = dataset.filter(
-        lambda labels: [_is_labelled(value) for value in labels], input_columns="label", batched=True
+    dataset = load_dataset(
+        source, format=format, task="classification", split=split, image_column=image_column, label_column=label_column
     )
-    if len(dataset) < before:
-        logger.warning("Dropped %d record(s) without a label", before - len(dataset))
-    if isinstance(feature, datasets.ClassLabel):
-        if class_names is None:
-            return dataset
-        if len(class_names) != feature.num_classes:
-            raise ValueError(f"{len(class_names)} class names given for {feature.num_classes} classes")
-        return dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
-    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        return dataset.class_encode_column("label")
-    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
-        raise ValueError(f"The label column must hold class ids or class names, not {feature}")
-    num_classes = max(dataset["label"], default=-1) + 1
-    if class_names is None and require_class_names:
-        raise ValueError("The labels are plain integers without class names: pass the class names (--class-names)")
-    if class_names is None:
-        class_names = [str(index) for index in range(num_classes)]
-    elif len(class_names) < num_classes:
-        raise ValueError(f"Label {num_classes - 1} occurs but only {len(class_names)} class names were given")
-    return dataset.cast_column("label", datasets.ClassLabel(names=list(class_names)))
+    return prepare_labels(dataset, class_names=class_names, require_class_names=require_class_names)
 
 
 def align_labels(dataset: datasets.Dataset, reference: datasets.Dataset) -> datasets.Dataset:
@@ -494,20 +392,26 @@ def run_finetuning(
 
     stats = {"train": DataStats()}
     class_names_file = read_nonempty_lines(data_args.class_names) if data_args.class_names else None
+    data_format = data_args.format
+    if data_args.data_format is not None:
+        logger.warning("--data_format is deprecated; use --format")
+        if data_format == "auto":
+            data_format = data_args.data_format
     load_options = {
-        "data_format": data_args.data_format,
         "image_column": data_args.image_column,
         "label_column": data_args.label_column,
         "class_names": class_names_file,
     }
     train_dataset, class_names = load_classification_dataset(
-        data_args.train_data, split=data_args.train_split, **load_options
+        data_args.train_data, split=data_args.train_split, format=data_format, **load_options
     )
     train_dataset = _first(train_dataset, data_args.max_train_samples)
     eval_dataset = None
     if data_args.eval_data:
         stats["eval"] = DataStats()
-        eval_dataset, _ = load_classification_dataset(data_args.eval_data, split=data_args.eval_split, **load_options)
+        eval_dataset, _ = load_classification_dataset(
+            data_args.eval_data, split=data_args.eval_split, format=data_args.eval_format or data_format, **load_options
+        )
         eval_dataset = _first(align_labels(eval_dataset, train_dataset), data_args.max_eval_samples)
     if not data_args.skip_record_check:
         train_dataset = drop_unreadable_images(train_dataset, stats["train"])

@@ -4,8 +4,12 @@ The official MS-CLIP evaluation resizes the shortest edge to 224 with bicubic in
 (torchvision ``Resize``/``CenterCrop`` on PIL images) and normalises with the ImageNet mean/std, not OpenAI CLIP's.
 This class reproduces that with PIL and NumPy only (no torchvision needed).
 
-This file must only import the standard library, ``numpy`` and ``transformers``: it is copied next to saved
-checkpoints and imported by ``trust_remote_code=True`` where ``modeling_msclip`` is absent.
+Images of every PIL mode become RGB with `convert_image_to_rgb` (16-bit and float greyscale scaled to 8 bits, not
+clipped to white); the training and evaluation pipelines of ``modeling_msclip.data_msclip`` use the same function.
+
+This file must only import the standard library, ``numpy`` and ``transformers`` (and PIL, which transformers' PIL
+backend needs anyway, inside functions): it is copied next to saved checkpoints and imported by
+``trust_remote_code=True`` where ``modeling_msclip`` is absent.
 """
 
 from __future__ import annotations
@@ -22,6 +26,67 @@ IMAGE_PRESETS: dict[str, dict[str, tuple[float, float, float]]] = {
     "clip": {"image_mean": tuple(OPENAI_CLIP_MEAN), "image_std": tuple(OPENAI_CLIP_STD)},
 }
 DEFAULT_IMAGE_SIZE = 224
+UINT16_MAX = 65535
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """8-bit grey levels of a single-channel image of a high-bit-depth mode (``I;16*``, ``I``, ``F``).
+
+    * ``I;16`` and its variants (``I;16B``, ``I;16L``, ``I;16N``): ``round(value * 255 / 65535)``.
+    * ``I`` (32-bit integers): the same when every value lies in 0..65535 (16-bit data, as older Pillow opened
+      16-bit PNGs), else min-max scaled to 0..255.
+    * ``F`` (32-bit floats): ``round(value * 255)`` when every value lies in [0, 1], else min-max scaled.
+    * Min-max scaling of a constant image gives 0 (black); NaN counts as 0 and infinities as the extreme finite
+      values.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    values = np.nan_to_num(values, nan=0.0, posinf=np.finfo(np.float64).max, neginf=np.finfo(np.float64).min)
+    low, high = float(values.min()), float(values.max())
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif mode != "F" and (mode.startswith("I;16") or (low >= 0 and high <= UINT16_MAX)):
+        scaled = values * (255.0 / UINT16_MAX)
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8)
+
+
+def convert_image_to_rgb(image: Any) -> Any:
+    """Convert a PIL image of any mode to 8-bit RGB.
+
+    * RGB is returned as it is; 1, L, P, CMYK, YCbCr, HSV, RGBX are converted by PIL.
+    * Transparency (LA, La, PA, RGBA, RGBa, or a ``transparency`` entry of P/L/RGB/I;16 images) is composited onto
+      white, as transformers' image processors do.
+    * High-bit-depth greyscale (``I;16``, ``I;16B`` and the other ``I;16`` variants, ``I``, ``F``) is scaled to
+      8 bits by the rule of `_scale_to_uint8` instead of being clipped (PIL's own conversion turns a 16-bit
+      image all white).
+    """
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB" and image.info.get("transparency") is None:
+        return image
+    if mode in ("I", "F") or mode.startswith("I;"):
+        values = np.asarray(image)
+        if values.ndim == 3:  # a multi-channel integer buffer: keep the first channel
+            values = values[..., 0]
+        grey = Image.fromarray(_scale_to_uint8(values, mode))
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, (int, float)) and not isinstance(transparent, bool):
+            alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+            rgba = Image.merge("RGBA", (grey, grey, grey, Image.fromarray(alpha)))
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return grey.convert("RGB")
+    if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 class MSClipImageProcessor(CLIPImageProcessorPil):
@@ -75,6 +140,13 @@ class MSClipImageProcessor(CLIPImageProcessorPil):
         check_images(images)
         return super().preprocess(images, *args, **kwargs)
 
+    def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> np.ndarray:
+        """RGB pixels: PIL images through `convert_image_to_rgb` (every mode, 16-bit and float greyscale scaled to
+        8 bits), arrays as transformers converts them."""
+        if hasattr(image, "getbands"):
+            return np.asarray(convert_image_to_rgb(image))
+        return super().convert_to_rgb(image, input_data_format=input_data_format)
+
     def center_crop(self, image: np.ndarray, size: Any, **kwargs: Any) -> np.ndarray:
         """Crop the centre of a channels-first image, rounding the offset like torchvision's ``CenterCrop``.
 
@@ -110,4 +182,4 @@ def check_images(images: Any) -> None:
             raise ValueError(f"images[{index}] has no pixels (size {size})")
 
 
-__all__ = ["DEFAULT_IMAGE_SIZE", "IMAGE_PRESETS", "MSClipImageProcessor", "check_images"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "IMAGE_PRESETS", "MSClipImageProcessor", "check_images", "convert_image_to_rgb"]

@@ -144,7 +144,10 @@ def test_class_folders_with_splits_and_saved_datasets_give_the_same_zero_shot(sa
         rows = []
 
     model, processor = ev.load_model_and_processor(saved_model, "cpu")
-    labelled = ev.load_eval_dataset(tmp_path / "fm", split="test", purpose="classification")
+    # The metadata file makes it an image folder, and it has no label column: classification asks for the format.
+    with pytest.raises(ValueError, match="no label column.*format='classfolder'"):
+        ev.load_eval_dataset(tmp_path / "fm", split="test", purpose="classification")
+    labelled = ev.load_eval_dataset(tmp_path / "fm", split="test", purpose="classification", format="classfolder")
     assert ev.class_names_from_dataset(labelled) == ["ankle boot", "red", "sky blue"]
     from_folders = ev.evaluate_zero_shot(model, processor, labelled, batch_size=4)
     assert from_folders["num_samples"] == 6 and from_folders["num_classes"] == 3

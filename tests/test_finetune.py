@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, TrainerCallback, TrainingArguments
 
 from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipImageProcessor, MSClipModel, MSClipProcessor
+from modeling_msclip.data_msclip import detect_format
 from modeling_msclip.finetuning_msclip import (
     DataArguments,
     ModelArguments,
@@ -27,7 +28,6 @@ from modeling_msclip.finetuning_msclip import (
     build_classification_model,
     classification_metrics,
     initialize_head_from_text,
-    labelled_folder_format,
     load_classification_dataset,
     parse_finetuning_arguments,
     run_finetuning,
@@ -180,12 +180,16 @@ def test_folder_detection_and_label_alignment(tmp_path):
     (tmp_path / "shapes" / "test").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "shapes" / "test" / "0.png")
     (tmp_path / "shapes" / "test" / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a circle"}\n')
-    assert labelled_folder_format(tmp_path / "fm") == "classfolder"
-    assert labelled_folder_format(tmp_path / "fm" / "test") == "classfolder"
-    assert labelled_folder_format(tmp_path / "shapes") == "imagefolder"
-    assert labelled_folder_format(tmp_path / "shapes" / "test") == "imagefolder"
-
-    dataset, names = load_classification_dataset(tmp_path / "fm", split="test")
+    # One rule for every task (data_msclip.detect_format): a metadata file makes an image folder.
+    assert detect_format(tmp_path / "fm") == "imagefolder"
+    assert detect_format(tmp_path / "fm" / "test") == "imagefolder"
+    assert detect_format(tmp_path / "shapes") == "imagefolder"
+    assert detect_format(tmp_path / "shapes" / "test") == "imagefolder"
+    # Without a label column, classification refuses it and points at its class sub-folders ...
+    with pytest.raises(ValueError, match=r"no label column.*'image', 'text'.*ankle_boot, bag.*format='classfolder'"):
+        load_classification_dataset(tmp_path / "fm", split="test")
+    # ... which format="classfolder" reads, ignoring the metadata.
+    dataset, names = load_classification_dataset(tmp_path / "fm", split="test", format="classfolder")
     assert names == ["ankle boot", "bag"] and sorted(dataset["label"]) == [0, 1]
 
     # Integer labels named by a list, -1 dropped; evaluation data renumbered to the training classes by name.
