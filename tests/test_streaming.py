@@ -282,3 +282,20 @@ def test_map_style_batches_of_bad_records_are_refilled_to_full_size(collator):
     hopeless = IndexedDataset(dataset.dataset.select([0, 3, 6, 9]))
     with pytest.raises(RuntimeError, match="were bad too"):
         ImageTextCollator(collator.tokenizer, collator.image_transform, refill_from=hopeless)([hopeless[0]])
+
+
+def test_a_sharded_iterable_dataset_is_split_by_shard(collator):
+    images = [{"bytes": png(index), "path": None} for index in range(16)]
+    dataset = datasets.Dataset.from_dict(
+        {"image": images, "text": [f"a red cat {index}" for index in range(16)]},
+        features=datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string")}),
+    ).to_iterable_dataset(num_shards=4)
+    source = dataset_source(dataset, num_samples=16)
+    assert source.shards == (0, 1, 2, 3)
+    per_rank = []
+    for rank in range(2):
+        stream = ImageTextStream([source], collator, batch_size=4, rank=rank, world_size=2, shuffle_buffer=0)
+        per_rank.append(keys_of(read_epoch(stream, 0, 0)))
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(f"a red cat {index}" for index in range(16))
+    shards_of = [{int(key.split()[-1]) // 4 for key in keys} for keys in per_rank]
+    assert len(shards_of[0]) == len(shards_of[1]) == 2 and not shards_of[0] & shards_of[1]  # whole shards per rank
