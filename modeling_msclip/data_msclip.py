@@ -289,6 +289,18 @@ def decode_image(value: Any) -> Image.Image:
 
 EMPTY_CAPTION = "empty caption"
 CORRUPT_IMAGE = "corrupt image"
+SAMPLE_KEYS = "sample_keys"
+
+
+def record_name(record: Mapping[str, Any]) -> str:
+    """The key a record is logged under (``--log_seen_samples``): its webdataset key, else its image file name, else
+    its caption."""
+    if record.get("__key__"):
+        return str(record["__key__"])
+    image = record.get("image")
+    if isinstance(image, Mapping) and image.get("path"):
+        return Path(str(image["path"])).name
+    return str(record.get("text"))
 
 
 def describe_record(record: Mapping[str, Any], image_column: str = "image") -> str:
@@ -640,6 +652,7 @@ class ImageTextCollator:
         augmentation_seed: int | None = None,
         refill_from: "IndexedDataset | None" = None,
         max_refill_draws: int = 100,
+        sample_keys: bool = False,
     ) -> None:
         """Configure the collator.
 
@@ -661,6 +674,8 @@ class ImageTextCollator:
                 index that is a function of ``(augmentation_seed, epoch, index, draw)`` (the same on every rank and
                 after a resume). Records without an index (evaluation data) are not refilled.
             max_refill_draws: stop with an error when this many draws in a row find no good record.
+            sample_keys: add the `record_name` of every pair in the batch under `SAMPLE_KEYS` (the trainer logs
+                what it trains on from it, ``--log_seen_samples``).
         """
         if padding not in (True, "longest", "max_length"):
             raise ValueError(f"padding must be True, 'longest' or 'max_length', got {padding!r}")
@@ -677,6 +692,7 @@ class ImageTextCollator:
         self.augmentation_seed = augmentation_seed
         self.refill_from = refill_from
         self.max_refill_draws = max_refill_draws
+        self.sample_keys = sample_keys
         self.epoch = 0
 
     def _record_rng(self, record: Mapping[str, Any]) -> contextlib.AbstractContextManager:
@@ -685,8 +701,11 @@ class ImageTextCollator:
             return contextlib.nullcontext()
         return _seeded_global_rng(hash((self.augmentation_seed, self.epoch, int(record[INDEX_KEY]))))
 
-    def decode_records(self, records: Sequence[Mapping[str, Any]]) -> tuple[list[torch.Tensor], list[str]]:
-        """Return the transformed images and captions of the good records, counting the bad ones."""
+    def decode_records(
+        self, records: Sequence[Mapping[str, Any]], names: list[str] | None = None
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        """Return the transformed images and captions of the good records (replacements included), counting the bad
+        ones; ``names`` receives the `record_name` of each good record."""
         pixel_values, captions = [], []
         empty_caption = corrupt_image = seen = 0
         for record in records:
@@ -697,6 +716,8 @@ class ImageTextCollator:
                 if problem is None:
                     pixel_values.append(pixels)
                     captions.append(caption)
+                    if names is not None:
+                        names.append(record_name(record))
                     break
                 self.stats.log_skip(problem, detail)
                 if problem == EMPTY_CAPTION:
@@ -741,8 +762,12 @@ class ImageTextCollator:
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Collate records into ``dict(input_ids, attention_mask, pixel_values, return_loss=True)``."""
-        pixel_values, captions = self.decode_records(records)
-        return self.collate_decoded(pixel_values, captions)
+        names: list[str] | None = [] if self.sample_keys else None
+        pixel_values, captions = self.decode_records(records, names)
+        batch = self.collate_decoded(pixel_values, captions)
+        if names is not None:
+            batch[SAMPLE_KEYS] = names
+        return batch
 
     def collate_decoded(self, pixel_values: Sequence[torch.Tensor], captions: Sequence[str]) -> dict[str, Any]:
         """Tokenise decoded captions and stack transformed images into a training batch."""

@@ -170,8 +170,8 @@ class DataArguments:
     log_seen_samples: str | None = field(
         default=None,
         metadata={
-            "help": "Folder where each rank appends the key of every training record it collates "
-            "(seen_rank<r>.txt): an audit of data sharding and resume."
+            "help": "Folder where each rank appends the key of every pair it trains on, in training order "
+            "(seen_rank<r>.txt; read-ahead batches are not listed): an audit of data sharding and resume."
         },
     )
     skip_record_check: bool = field(
@@ -347,30 +347,6 @@ class AugmentationEpochCallback(TrainerCallback):
         self.collator.epoch = int(state.epoch + 1e-6)
 
 
-class SeenSampleRecorder:
-    """Wraps a collator and appends each record's key (webdataset key, image path or caption) to a per-rank file."""
-
-    def __init__(self, collator: Any, folder: str | os.PathLike) -> None:
-        self.collator = collator
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def record_key(record: dict[str, Any]) -> str:
-        image = record.get("image")
-        if record.get("__key__"):
-            return str(record["__key__"])
-        if isinstance(image, dict) and image.get("path"):
-            return Path(image["path"]).name
-        return str(record.get("text"))
-
-    def __call__(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        rank = int(os.environ.get("RANK", "0"))
-        with open(self.folder / f"seen_rank{rank}.txt", "a") as handle:
-            handle.write("".join(f"{self.record_key(record)}\n" for record in records))
-        return self.collator(records)
-
-
 def _read_list(value: str) -> list[str]:
     if Path(value).is_file():
         return read_nonempty_lines(value)
@@ -501,15 +477,15 @@ def run_pretraining(
         padding=data_args.text_padding,
         stats=stats,
         augmentation_seed=None if streaming else augmentation_seed,  # a stream seeds each record itself
+        sample_keys=bool(data_args.log_seen_samples),
     )
-    collator: Any = image_text_collator
+    seen_log = None
+    if data_args.log_seen_samples:
+        seen_log = Path(data_args.log_seen_samples) / f"seen_rank{training_args.process_index}.txt"
     monitor = None
     if streaming:
         train_dataset = build_train_stream(data_args, training_args, image_text_collator)
-        seen_log = None
-        if data_args.log_seen_samples:
-            seen_log = Path(data_args.log_seen_samples) / f"seen_rank{training_args.process_index}.txt"
-        monitor = StreamMonitor(train_dataset, stats, seen_log=seen_log)
+        monitor = StreamMonitor(train_dataset, stats)
         if checkpoint is not None:
             state = load_stream_state(checkpoint, training_args.process_index)
             if state is None:
@@ -521,14 +497,12 @@ def run_pretraining(
         # identical whichever rank or worker collates it, and after a resume.
         train_dataset = IndexedDataset(train_dataset)
         image_text_collator.refill_from = train_dataset  # a bad record is replaced, so batches stay full
-        if data_args.log_seen_samples:
-            collator = SeenSampleRecorder(collator, data_args.log_seen_samples)
     trainer = MSClipTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collator,
+        data_collator=image_text_collator,
         processing_class=processor,
         callbacks=[
             DataStatsCallback(stats, monitor),
@@ -536,6 +510,7 @@ def run_pretraining(
             *(callbacks or []),
         ],
         stream_monitor=monitor,
+        seen_samples_log=seen_log,
     )
     attach_checkpointing(trainer, checkpoint)
     zero_shot_callback = build_zero_shot_callback(data_args, processor)

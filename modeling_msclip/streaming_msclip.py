@@ -57,6 +57,7 @@ from .data_msclip import (
     _seeded_global_rng,
     find_webdataset_shards,
     iter_webdataset_shard,
+    record_name,
     split_member_name,
 )
 
@@ -256,16 +257,6 @@ def count_records(source: StreamSource) -> int:
 def _random(*parts: Any) -> random.Random:
     # Seeding from a string goes through SHA-512: the same sequence in every process (str hashes are salted).
     return random.Random(":".join(str(part) for part in parts))
-
-
-def record_name(record: Mapping[str, Any]) -> str:
-    """The key a record is logged under: its webdataset key, else its image path, else its caption."""
-    if record.get("__key__"):
-        return str(record["__key__"])
-    image = record.get("image")
-    if isinstance(image, Mapping) and image.get("path"):
-        return Path(str(image["path"])).name
-    return str(record.get("text"))
 
 
 @dataclass
@@ -550,13 +541,11 @@ class StreamMonitor:
     once however many workers made it, and batches prefetched but never trained do not count).
 
     It adds kept and skipped records to ``stats``, logs the first ``max_named`` skipped records of the rank by key and
-    reason, counts records per source, appends each consumed key to ``seen_log`` (one per line) when set, and keeps the
-    position of each worker for `save_stream_state`.
+    reason, counts records per source and keeps the position of each worker for `save_stream_state`.
     """
 
     stream: ImageTextStream
     stats: DataStats
-    seen_log: Path | None = None
     max_named: int = 20
     named: list[list[str]] = field(default_factory=list)
     source_counts: list[int] = field(default_factory=list)
@@ -565,8 +554,6 @@ class StreamMonitor:
     def __post_init__(self) -> None:
         if not self.source_counts:
             self.source_counts = [0] * len(self.stream.sources)
-        if self.seen_log is not None:
-            self.seen_log.parent.mkdir(parents=True, exist_ok=True)
 
     def consume(self, info: Mapping[str, Any]) -> None:
         """Account for one consumed batch's `STREAM_INFO_KEY` entry."""
@@ -589,9 +576,6 @@ class StreamMonitor:
                 logger.warning("Skipping a record (%s): %s", reason, detail)
         for index, count in enumerate(info["sources"]):
             self.source_counts[index] += int(count)
-        if self.seen_log is not None:
-            with open(self.seen_log, "a") as handle:
-                handle.write("".join(f"{key}\n" for key in info["keys"]))
 
     def mixture(self) -> dict[str, float]:
         """Achieved share of each source among the records consumed on this rank."""
@@ -687,7 +671,6 @@ __all__ = [
     "dataset_source",
     "load_stream_state",
     "parse_weighted_sources",
-    "record_name",
     "save_stream_state",
     "webdataset_source",
     "webdataset_shard_list",

@@ -31,12 +31,14 @@ from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing_msclip import OutputArguments
-from .data_msclip import DataStats
+from .data_msclip import SAMPLE_KEYS, DataStats
 from .gradcache_msclip import gradcache_backward, split_batch
 from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_, logit_scale_exp
 from .streaming_msclip import RESUME_MARKER_KEY, STREAM_INFO_KEY, ImageTextStream, StreamMonitor, save_stream_state
 
 NONFINITE_POLICIES = ("auto", *FINITE_LOSS_POLICIES)
+# Batch entries for the trainer's bookkeeping, never passed to the model (evaluation batches keep them).
+NON_MODEL_KEYS = frozenset({"return_loss", SAMPLE_KEYS, STREAM_INFO_KEY})
 
 
 @dataclass
@@ -140,15 +142,26 @@ class MSClipTrainer(Trainer):
     # compute_loss returns the per-micro-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, stream_monitor: StreamMonitor | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        stream_monitor: StreamMonitor | None = None,
+        seen_samples_log: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
         """The `Trainer`'s arguments, plus ``stream_monitor`` when the train dataset is an `ImageTextStream` (it
-        accounts for the consumed batches and saves the stream's position with each checkpoint)."""
+        accounts for the consumed batches and saves the stream's position with each checkpoint), and
+        ``seen_samples_log``, a file to which the key of every pair trained on is appended, in training order (from
+        the batches' `SAMPLE_KEYS` or stream keys, so read-ahead batches that are never trained are not listed)."""
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MSClipTrainingArguments):
             raise TypeError("MSClipTrainer needs MSClipTrainingArguments")
         if isinstance(self.train_dataset, ImageTextStream) and stream_monitor is None:
             stream_monitor = StreamMonitor(self.train_dataset, DataStats())
         self.stream_monitor = stream_monitor
+        self.seen_samples_log = Path(seen_samples_log) if seen_samples_log is not None else None
+        if self.seen_samples_log is not None:
+            self.seen_samples_log.parent.mkdir(parents=True, exist_ok=True)
         self._data_wait_seconds = 0.0
         self._samples_since_log = 0
         self._last_log_time: float | None = None
@@ -210,15 +223,22 @@ class MSClipTrainer(Trainer):
             self._data_wait_seconds += end - start
         return batches, num_items
 
-    def _consume_stream_info(self, inputs: dict[str, Any]) -> None:
+    def _consume_batch_info(self, inputs: dict[str, Any]) -> None:
+        """Take the data bookkeeping out of a training batch: stream accounting and the seen-samples log."""
         if RESUME_MARKER_KEY in inputs:
             raise RuntimeError(
                 "a resume marker of the data stream reached training: the Trainer skipped fewer batches than the "
                 "stream's saved position (was the checkpoint made with other --gradient_accumulation_steps?)"
             )
         info = inputs.pop(STREAM_INFO_KEY, None)
-        if info is not None and self.stream_monitor is not None:
-            self.stream_monitor.consume(info)
+        keys = inputs.pop(SAMPLE_KEYS, None)
+        if info is not None:
+            keys = info["keys"]
+            if self.stream_monitor is not None:
+                self.stream_monitor.consume(info)
+        if self.seen_samples_log is not None and keys is not None:
+            with open(self.seen_samples_log, "a") as handle:
+                handle.write("".join(f"{key}\n" for key in keys))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """The Trainer's checkpoint, plus this rank's stream position (before the completion marker is written)."""
@@ -255,7 +275,7 @@ class MSClipTrainer(Trainer):
     ) -> torch.Tensor:
         """The Trainer's step, or with ``--contrastive_micro_batches k > 1`` a gradient-cached step over k
         micro-batches (`gradcache_msclip.gradcache_backward`)."""
-        self._consume_stream_info(inputs)
+        self._consume_batch_info(inputs)
         if "pixel_values" in inputs:
             self._samples_since_log += int(inputs["pixel_values"].shape[0])
         if self.args.contrastive_micro_batches == 1:
@@ -289,7 +309,7 @@ class MSClipTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Run the model's objective, record its terms, apply the non-finite policy."""
-        inputs = {key: value for key, value in inputs.items() if key != "return_loss"}
+        inputs = {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
         outputs = model(**inputs, return_loss=True)
         loss = outputs.loss
         if model.training:

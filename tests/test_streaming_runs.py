@@ -53,10 +53,13 @@ def workspace(tmp_path_factory):
 
 def launch(workspace: Path, name: str, processes: int, data: str, *extra: str, streaming: bool = True):
     output = workspace / name
-    command = [
+    launcher = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "configuration" / "accelerate" / "multi_process.yaml"),
         "--num_processes", str(processes), "--main_process_port", str(free_port()),
+    ] if processes > 1 else [sys.executable]  # fmt: skip
+    command = [
+        *launcher,
         str(SCRIPT),
         "--model_preset", "msclip-s-tiny",
         "--tokenizer_name_or_path", str(workspace / "tokenizer"),
@@ -258,3 +261,20 @@ def test_map_style_bad_records_without_the_pre_scan_keep_every_batch_full(worksp
     assert log["data_skipped_empty_caption"] >= 1 and log["data_skipped_corrupt_image"] >= 2
     assert log["data_seen"] == log["data_kept"] + log["data_skipped_empty_caption"] + log["data_skipped_corrupt_image"]
     assert "3.png" in result.stderr and "17.png" in result.stderr
+
+
+def test_the_seen_samples_log_lists_what_was_trained_not_what_was_read_ahead(workspace):
+    folder = workspace / "readahead"
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(64):
+        (folder / "images" / f"{index}.png").write_bytes(png(index))
+        rows.append({"file_name": f"images/{index}.png", "caption": f"a red cat {index}"})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for streaming in (False, True):
+        output, _ = launch(
+            workspace, f"readahead-{streaming}", 1, str(folder / "pairs.jsonl"), "--max_steps", "5",
+            "--dataloader_num_workers", "2", "--save_strategy", "no", streaming=streaming,
+        )  # fmt: skip
+        [keys] = seen(output, 1)
+        assert len(keys) == 20 and len(set(keys)) == 20, (streaming, len(keys))  # 5 steps x 4 pairs, 2 workers
