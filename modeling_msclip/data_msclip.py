@@ -1,10 +1,13 @@
 """Image-text data for MS-CLIP: loaders, decode-and-skip collators, augmentations and webdataset shards.
 
-Every loader returns a `datasets.Dataset` (or `datasets.IterableDataset` when streaming) with two canonical columns:
+One loader, `load_dataset` (with one format detection, `detect_format`), serves pre-training, evaluation and
+fine-tuning. It returns a `datasets.Dataset` (or `datasets.IterableDataset` when streaming) with the canonical
+columns of its task:
 
 * ``image``: a `datasets.Image(decode=False)` value, i.e. ``{"bytes": ..., "path": ...}``, so nothing is decoded
   while the dataset is read and a corrupt file cannot crash a run there;
-* ``text``: the caption (a string, or None when the source had none).
+* ``text`` (task "image-text"): the caption (a string, or None when the source had none);
+* ``label`` (task "classification"): made a `datasets.ClassLabel` by `prepare_labels`.
 
 Images are decoded in the collator, which drops records with an unreadable image or an empty caption and counts them
 in a `DataStats` object. `DataStats` keeps its counters in shared memory, so the counts that `DataLoader` worker

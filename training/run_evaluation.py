@@ -2,11 +2,14 @@
 
     python training/run_evaluation.py --model CKPT --shapes-data data/shapes --output results/shapes.json
     python training/run_evaluation.py --model CKPT --zero-shot-data data/fashion-mnist --split test \
-        --retrieval-data data/fashion-mnist --output results/fashion-mnist.json
+        --zero-shot-format classfolder --retrieval-data data/fashion-mnist --output results/fashion-mnist.json
 
-Data may be in any format the project's loaders read: class folders (root/<class>/*.png), image folders with a
-metadata.jsonl of captions, CSV/TSV/JSONL tables, webdataset shards, save_to_disk folders, or the embedded shapes
-dataset (--shapes-data runs every shapes zero-shot task and retrieval). Prints a table; --output writes JSON.
+Data may be in any format the project's one loader (data_msclip.load_dataset) reads: class folders
+(root/<class>/*.png), image folders with a metadata.jsonl of captions and/or labels (--label-column), CSV/TSV/JSONL/
+Parquet tables, webdataset shards, save_to_disk folders, Hub datasets, or the embedded shapes dataset (--shapes-data
+runs every shapes zero-shot task and retrieval). The format is detected by the rules of docs/data.md; --format (or
+--zero-shot-format, --retrieval-format, --linear-probe-format) names it: a folder with a metadata.jsonl is an image
+folder, so the class sub-folders next to one (Fashion-MNIST) need classfolder. Prints a table; --output writes JSON.
 All options: ``python training/run_evaluation.py --help``. See docs/finetuning.md and docs/evaluation.md.
 """
 

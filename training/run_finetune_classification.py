@@ -2,12 +2,15 @@
 
     python training/run_finetune_classification.py --model_name_or_path CKPT \
         --train_data data/fashion-mnist --train_split train --eval_data data/fashion-mnist --eval_split test \
+        --format classfolder \
         --output_dir runs/fmnist-ft --max_steps 500 --per_device_train_batch_size 64 --learning_rate 1e-4 \
         --eval_strategy steps --eval_steps 100
 
 CKPT is an MSClipModel or MSClipForPreTraining folder (its vision tower is loaded; ``--init_head_from_text`` starts
 the head as the zero-shot classifier), or use ``--model_preset msclip-s-tiny`` to train from scratch. Data are class
-folders (root/<class>/*.png), save_to_disk folders or Hub datasets with image + label columns.
+folders (root/<class>/*.png), image folders or tables with a label column, save_to_disk folders or Hub datasets with
+image + label columns, read by data_msclip.load_dataset; ``--format`` names the format instead of detecting it (the
+Fashion-MNIST tree has a metadata.jsonl next to its class folders, so it needs ``--format classfolder``).
 
 All options: ``python training/run_finetune_classification.py --help`` (model, data and transformers
 TrainingArguments options), or pass one JSON file holding them. See docs/finetuning.md.
