@@ -1322,8 +1322,10 @@ def _detect_folder_format(path: Path, source: str) -> str:
     raise ValueError(f"Cannot tell the format of the folder {source}: {reason}. Pass format= (one of {FORMATS[1:]}).")
 
 
-def detect_format(source: str | os.PathLike) -> str:
+def detect_format(source: str | os.PathLike, *, split: str | None = None) -> str:
     """The format of a source path, by one set of rules for every task (see docs/data.md, "Format detection").
+
+    When ``split`` names a sub-folder of a folder ``source``, that split folder (what is read) is examined.
 
     * a glob/brace pattern, or a URL ending in ``.tar`` -> "webdataset";
     * a file: ``*.csv`` -> "csv", ``*.tsv``/``*.tab`` -> "tsv", ``*.jsonl``/``*.json`` -> "jsonl",
@@ -1341,6 +1343,8 @@ def detect_format(source: str | os.PathLike) -> str:
     `ValueError` that lists the candidates; so is a folder that fits none.
     """
     source = os.fspath(source)
+    if split is not None and (Path(source) / split).is_dir() and not _is_saved_dataset(Path(source)):
+        source = os.path.join(source, split)
     if any(character in source for character in _PATTERN_CHARACTERS):
         return "webdataset"
     if "://" in source:
@@ -1656,7 +1660,7 @@ def load_dataset(
     path = Path(source)
     if split is not None and path.is_dir() and not _is_saved_dataset(path) and _is_saved_dataset(path / split):
         source, path, split = str(path / split), path / split, None  # a saved dataset per split folder
-    kind = detect_format(source) if format == "auto" else format
+    kind = detect_format(source, split=split) if format == "auto" else format
     if kind == "classfolder":
         if task == "image-text":
             raise _no_captions_error(source)

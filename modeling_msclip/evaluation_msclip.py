@@ -1191,7 +1191,7 @@ def load_eval_dataset(
         raise ValueError(f"purpose must be one of {EVAL_PURPOSES}, got {purpose!r}")
     if purpose == "auto":
         if isinstance(path, (str, os.PathLike)):
-            kind = detect_format(path) if format == "auto" else format
+            kind = detect_format(path, split=split) if format == "auto" else format
             purpose = "classification" if kind == "classfolder" else "retrieval"
         else:
             features = getattr(path, "features", None) or {}

@@ -294,6 +294,16 @@ def test_a_folder_that_fits_several_formats_is_refused_listing_them(tmp_path):
         detect_format(tmp_path / "loose")
 
 
+def test_the_split_folder_that_is_read_is_the_one_examined(tmp_path):
+    write_images_and_metadata(tmp_path / "data" / "train", label_key="kind")
+    write_class_folders(tmp_path / "data" / "test")
+    assert detect_format(tmp_path / "data", split="train") == "imagefolder"
+    assert detect_format(tmp_path / "data", split="test") == "classfolder"
+    dataset, names = prepare_labels(load_dataset(tmp_path / "data", split="test", task="classification"))
+    assert names == ["cat", "dog"] and len(dataset) == 4
+    assert ev.load_eval_dataset(tmp_path / "data", split="test").features["label"].names == ["cat", "dog"]
+
+
 def test_explicit_format_reads_a_file_whatever_its_name(tmp_path):
     (tmp_path / "images").mkdir()
     _noisy((1, 2, 3), 0, size=8).save(tmp_path / "images" / "0.png")
