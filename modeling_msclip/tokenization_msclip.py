@@ -491,9 +491,28 @@ class MSClipTokenizer(TokenizersBackend):
         Same arguments as ``PreTrainedTokenizerBase.__call__``, with MS-CLIP defaults: ``padding="longest"`` (pad on
         the right to the longest caption of the batch; ``"max_length"`` pads to 77 for static shapes) and
         ``truncation=True`` (cut at ``model_max_length``). ``truncation_style="keep_end"|"official"`` may be passed
-        to override the tokenizer's setting for this call.
+        to override the tokenizer's setting for this call. ``pad_to_multiple_of=m`` rounds the padded width up to a
+        multiple of ``m`` but never past the truncation length (77: the text tower has no position beyond it), so a
+        batch whose longest caption has 75 ids is padded to 77 with ``m=8``.
         """
-        return super().__call__(
+        multiple = kwargs.pop("pad_to_multiple_of", None)
+        if multiple is None or padding in (False, "do_not_pad", PaddingStrategy.DO_NOT_PAD):
+            return super().__call__(
+                text,
+                text_pair,
+                text_target,
+                text_pair_target,
+                add_special_tokens=add_special_tokens,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                pad_to_multiple_of=multiple,
+                **kwargs,
+            )
+        if multiple < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple}")
+        return_tensors = kwargs.pop("return_tensors", None)
+        encoded = super().__call__(
             text,
             text_pair,
             text_target,
@@ -504,6 +523,11 @@ class MSClipTokenizer(TokenizersBackend):
             max_length=max_length,
             **kwargs,
         )
+        rows = encoded["input_ids"] if encoded["input_ids"] and isinstance(encoded["input_ids"][0], list) else None
+        width = max(len(row) for row in rows) if rows is not None else len(encoded["input_ids"])
+        limit = max_length if max_length is not None else self.model_max_length
+        target = min(-(-width // multiple) * multiple, max(limit, width))
+        return self.pad(encoded, padding="max_length", max_length=target, return_tensors=return_tensors)
 
     def _encode_plus(
         self,
