@@ -299,3 +299,20 @@ def test_a_sharded_iterable_dataset_is_split_by_shard(collator):
     assert sorted(per_rank[0] + per_rank[1]) == sorted(f"a red cat {index}" for index in range(16))
     shards_of = [{int(key.split()[-1]) // 4 for key in keys} for keys in per_rank]
     assert len(shards_of[0]) == len(shards_of[1]) == 2 and not shards_of[0] & shards_of[1]  # whole shards per rank
+
+
+def test_shards_at_an_fsspec_url(tmp_path, collator):
+    shards = write_shards(tmp_path / "shards", count=16, per_shard=8)
+    url = f"file://{shards}/{{000000..000001}}.tar"
+    source = webdataset_source(url, count=False)
+    assert source.shards == (f"file://{shards}/000000.tar", f"file://{shards}/000001.tar")
+    assert source.num_samples is None
+    globbed = webdataset_source(f"file://{shards}/*.tar", count=False)
+    assert globbed.shards == source.shards
+    keys = []
+    for rank in range(2):
+        stream = ImageTextStream([source], collator, batch_size=4, rank=rank, world_size=2, num_samples=16)
+        keys += keys_of(read_epoch(stream, 0, 0))
+    assert sorted(keys) == sorted(f"{shard:05d}{index}" for shard in range(2) for index in range(8))
+    with pytest.raises(FileNotFoundError, match="No shard matches"):
+        webdataset_source(f"file://{tmp_path}/nothing/*.tar", count=False)
