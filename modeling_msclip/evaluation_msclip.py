@@ -1110,7 +1110,11 @@ class ZeroShotEvalCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.eval_steps is not None and state.global_step % self.eval_steps == 0:
+            # `trainer.log` clears `should_log` (transformers' CallbackHandler.on_log), which would drop this step's
+            # training loss when it is also a logging step: keep the flag as the flow callback set it.
+            should_log = control.should_log
             self._run(args, state, model, processing_class)
+            control.should_log = should_log
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, processing_class=None, **kwargs):

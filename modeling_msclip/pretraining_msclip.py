@@ -32,8 +32,10 @@ from .data_msclip import (
     ImageTextCollator,
     IndexedDataset,
     TrainImageTransform,
+    detect_format,
     drop_bad_records,
-    load_image_text_dataset,
+    load_dataset,
+    prepare_labels,
     read_nonempty_lines,
 )
 from .modeling_msclip import MSClipForPreTraining
@@ -116,6 +118,7 @@ class DataArguments:
     )
     eval_data: str | None = field(default=None, metadata={"help": "Held-out pairs for the evaluation loss."})
     eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data."})
+    eval_format: str = field(default="auto", metadata={"help": "Format of --eval_data (see docs/data.md)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected by default)."})
     text_column: str | None = field(default=None, metadata={"help": "Caption column (auto-detected by default)."})
     streaming: bool = field(
@@ -157,6 +160,10 @@ class DataArguments:
         default=None, metadata={"help": "Labelled images for zero-shot accuracy during training (any data format)."}
     )
     zeroshot_eval_split: str | None = field(default=None, metadata={"help": "Split of --zeroshot_eval_data."})
+    zeroshot_eval_format: str = field(
+        default="auto",
+        metadata={"help": "Format of --zeroshot_eval_data (see docs/data.md; classfolder for class folders)."},
+    )
     zeroshot_label_column: str = field(default="label", metadata={"help": "Integer label column of that data."})
     zeroshot_class_names: str | None = field(
         default=None, metadata={"help": "Class names in label order: a file (one per line) or comma-separated."}
@@ -359,19 +366,30 @@ def build_zero_shot_callback(data_args: DataArguments, processor: Any) -> Traine
         return None
     from .evaluation_msclip import DEFAULT_TEMPLATES, ZeroShotEvalCallback
 
-    dataset = load_image_text_dataset(
-        data_args.zeroshot_eval_data, split=data_args.zeroshot_eval_split, text_column=data_args.text_column
+    source, split, data_format = (
+        data_args.zeroshot_eval_data,
+        data_args.zeroshot_eval_split,
+        data_args.zeroshot_eval_format,
+    )
+    labelled = load_dataset(
+        source, format=data_format, task="classification", split=split, label_column=data_args.zeroshot_label_column
     )
     class_names = _read_list(data_args.zeroshot_class_names) if data_args.zeroshot_class_names else None
+    labelled, class_names = prepare_labels(labelled, class_names=class_names, require_class_names=True)
+    retrieval = None
+    if (data_format if data_format != "auto" else detect_format(source, split=split)) != "classfolder":
+        retrieval = load_dataset(
+            source, format=data_format, task="image-text", split=split, text_column=data_args.text_column
+        )
     templates = _read_list(data_args.zeroshot_templates) if data_args.zeroshot_templates else DEFAULT_TEMPLATES
     return ZeroShotEvalCallback(
         processor,
-        zero_shot_dataset=dataset,
+        zero_shot_dataset=labelled,
         class_names=class_names,
         templates=templates,
-        retrieval_dataset=dataset,
+        retrieval_dataset=retrieval,
         eval_steps=data_args.zeroshot_eval_steps,
-        label_column=data_args.zeroshot_label_column,
+        label_column="label",
     )
 
 
@@ -385,10 +403,11 @@ def build_datasets(
     (With ``--streaming`` the training data is an `ImageTextStream` instead, see `build_train_stream`.)
     """
 
-    def load(source: str, split: str | None) -> Any:
-        dataset = load_image_text_dataset(
+    def load(source: str, split: str | None, data_format: str) -> Any:
+        dataset = load_dataset(
             source,
-            format=data_args.train_format,
+            format=data_format,
+            task="image-text",
             image_column=data_args.image_column,
             text_column=data_args.text_column,
             split=split,
@@ -404,10 +423,10 @@ def build_datasets(
 
     train = None
     if not data_args.streaming:
-        train = load(data_args.train_data, data_args.train_split)
+        train = load(data_args.train_data, data_args.train_split, data_args.train_format)
         if data_args.max_train_samples is not None:
             train = train.select(range(min(data_args.max_train_samples, len(train))))
-    evaluation = load(data_args.eval_data, data_args.eval_split) if data_args.eval_data else None
+    evaluation = load(data_args.eval_data, data_args.eval_split, data_args.eval_format) if data_args.eval_data else None
     return train, evaluation
 
 

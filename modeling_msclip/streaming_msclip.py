@@ -636,13 +636,13 @@ def build_stream_sources(
     text_column: str | None = None,
 ) -> list[StreamSource]:
     """Sources for ``--train_data a::b`` with ``--train_data_weights 3::1``: webdataset locations (local, or any URL
-    with ``://``) read as shards, anything else through `data_msclip.load_image_text_dataset` (streamed)."""
-    from .data_msclip import detect_format, load_image_text_dataset
+    with ``://``) read as shards, anything else through `data_msclip.load_dataset` (streamed)."""
+    from .data_msclip import detect_format, load_dataset
 
     sources = []
     for location, weight in parse_weighted_sources(data, weights):
         remote = "://" in location
-        kind = format if format != "auto" else ("webdataset" if remote else detect_format(location))
+        kind = format if format != "auto" else ("webdataset" if remote else detect_format(location, split=split))
         if kind == "webdataset":
             sources.append(
                 webdataset_source(
@@ -655,8 +655,14 @@ def build_stream_sources(
                 )
             )
             continue
-        dataset = load_image_text_dataset(
-            location, format=kind, split=split, image_column=image_column, text_column=text_column, streaming=True
+        dataset = load_dataset(
+            location,
+            format=kind,
+            task="image-text",
+            split=split,
+            image_column=image_column,
+            text_column=text_column,
+            streaming=True,
         )
         sources.append(dataset_source(dataset, name=location, weight=weight))
     return sources
