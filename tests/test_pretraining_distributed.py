@@ -1,5 +1,26 @@
-"""Real multi-process pre-training runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 against one process, and an
-interrupted run resumed from its checkpoint against an uninterrupted one."""
+"""Real multi-process pre-training runs on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 against one process on the same
+global batches (kill-and-resume runs are in tests/test_preemption.py).
+
+Every logged step's loss terms and gradient norm, and every parameter and buffer before training, after each optimizer
+step and as saved at the end, are compared with the one-process run, relative to the compared values' scale
+(`conftest.close_to_scale`). The runs use Adam's epsilon 1e-6 (CLIP's value; the transformers default is 1e-8): Adam
+divides each element's step by ``|gradient| + eps``, so an element whose gradient is near zero gets a step decided by
+rounding. With 1e-8 the float summation order of 2 ranks vs 1 process moved 16 of 2.7 M parameters by more than 1e-5
+after the first update (at most 5.8e-5 = 0.58 of a learning-rate step, a sign flip of a gradient of ~3e-9); with 1e-6
+the largest difference after step 1 is 1.9e-6.
+
+Measured differences of the 2-rank runs (DDP, ZeRO-2, ZeRO-3 alike; tolerance in brackets):
+
+* loss / clip term, steps 1-3: <= 1.4e-6 of the loss (1e-5); exp(logit_scale): equal to print precision (1e-5);
+* gradient norm (before clipping) at step 1: <= 3.1e-7 relative (1e-5); at steps 2-3, on weights that already differ
+  by rounding: <= 1.5e-5 relative (1e-4);
+* parameters and buffers: before training equal (exact); after step 1 <= 1.9e-6 (1e-5); after steps 2-3 and in the
+  saved model <= 1.05e-5, at 1 of 2.7 M elements (5e-5).
+
+A bug in the gradient of one parameter group is far outside these bounds: `test_a_doubled_gradient_fails_the_comparison`
+doubles the gradient of the shared parameters on rank 0 (before DDP averages it). Its step-2 loss is 0.044 off (1.2 %),
+its step-1 gradient norm 14 %, and 286 k parameter elements differ by more than 1e-5 after step 1 (up to 2e-4).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +32,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE, assert_close_to_scale, free_port
+from conftest import (
+    TOKENIZER_CORPUS,
+    TOKENIZER_VOCAB_SIZE,
+    assert_close_to_scale,
+    close_to_scale,
+    difference_and_scale,
+    free_port,
+)
 
 from modeling_msclip import (
     MSClipConfig,
@@ -30,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 HOOKS_SCRIPT = REPO / "tests" / "scripts" / "pretrain_with_hooks.py"
 NUM_SAMPLES = 48
 GLOBAL_BATCH = 16
+ADAM_EPSILON = "1e-6"  # see the module docstring
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +139,45 @@ def seen_keys(output: Path) -> list[list[str]]:
     return [path.read_text().split() for path in sorted((output / "seen").glob("seen_rank*.txt"))]
 
 
+def parameters_at(output: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """The full state dicts that `PARAMS_OUTPUT` saved: step 0 (before training) and after each optimizer step."""
+    return {int(path.stem.split("-")[1]): torch.load(path) for path in (output / "params").glob("step-*.pt")}
+
+
+def mismatches(output: Path, reference: Path) -> list[str]:
+    """Every value of run ``output`` that is outside its bound of the one-process run ``reference`` (the bounds and
+    the measured differences are in the module docstring); empty when the runs agree."""
+    found = []
+
+    def compare(actual, expected, tol: float, what: str) -> None:
+        if not close_to_scale(actual, expected, tol, what):
+            difference, scale = difference_and_scale(actual, expected, what)
+            found.append(f"{what}: |difference| {difference:.3g} > {tol:g} x scale {scale:.3g}")
+
+    for key in ("loss", "clip", "logit_scale_exp", "grad_norm"):
+        expected, actual = step_terms(reference, key), step_terms(output, key)
+        if sorted(actual) != sorted(expected):
+            found.append(f"{key} logged at steps {sorted(actual)}, not {sorted(expected)}")
+        for step in sorted(set(actual) & set(expected)):
+            tol = 1e-4 if key == "grad_norm" and step > 1 else 1e-5
+            compare(actual[step], expected[step], tol, f"{key} at step {step}")
+
+    expected_states, states = parameters_at(reference), parameters_at(output)
+    if sorted(states) != sorted(expected_states):
+        found.append(f"parameters saved at steps {sorted(states)}, not {sorted(expected_states)}")
+    final = MSClipForPreTraining.from_pretrained(reference).state_dict()
+    saved = MSClipForPreTraining.from_pretrained(output).state_dict()
+    for step, state in [*sorted(states.items()), ("saved", saved)]:
+        expected_state = final if step == "saved" else expected_states.get(step, {})
+        tol = 0.0 if step == 0 else 1e-5 if step == 1 else 5e-5
+        for name, value in expected_state.items():
+            compare(state[name], value, tol, f"{name} after step {step}")
+    return found
+
+
 @pytest.fixture(scope="module")
 def single_process(workspace):
-    return launch(
+    output = launch(
         workspace,
         "single",
         [sys.executable],
@@ -122,7 +187,12 @@ def single_process(workspace):
         "--save_strategy",
         "no",
         "--no_augmentation",
+        "--adam_epsilon",
+        ADAM_EPSILON,
+        env={"PARAMS_OUTPUT": str(workspace / "single" / "params")},
     )
+    assert sorted(parameters_at(output)) == [0, 1, 2, 3]
+    return output
 
 
 @pytest.mark.parametrize(
@@ -145,8 +215,10 @@ def test_two_process_runs_shard_the_data_and_match_one_process(workspace, single
         "--save_strategy",
         "no",
         "--no_augmentation",
+        "--adam_epsilon",
+        ADAM_EPSILON,
         *extra,
-        env={"PROBE_OUTPUT": str(probe)},
+        env={"PROBE_OUTPUT": str(probe), "PARAMS_OUTPUT": str(workspace / name / "params")},
     )
 
     ranks = seen_keys(output)
@@ -154,10 +226,9 @@ def test_two_process_runs_shard_the_data_and_match_one_process(workspace, single
     assert not set(ranks[0]) & set(ranks[1]), "a sample went to both ranks"
     assert sorted(ranks[0] + ranks[1]) == sorted(seen_keys(single_process)[0]), "an epoch must cover every sample once"
 
-    reference, distributed = step_terms(single_process), step_terms(output)
-    assert sorted(reference) == sorted(distributed) == [1, 2, 3]
-    assert_close_to_scale(distributed[1], reference[1], 1e-5, "first-step loss of two ranks vs one process")
-    assert_close_to_scale(distributed[3], reference[3], 1e-3, "third-step loss of two ranks vs one process")
+    assert sorted(step_terms(output)) == [1, 2, 3]
+    found = mismatches(output, single_process)
+    assert not found, f"{len(found)} values of two ranks differ from one process:\n" + "\n".join(found[:20])
 
     # The saved checkpoint loads as a plain inference model and reproduces the trained model's outputs.
     saved = torch.load(probe)
@@ -168,3 +239,30 @@ def test_two_process_runs_shard_the_data_and_match_one_process(workspace, single
     assert_close_to_scale(outputs.text_embeds, saved["text_embeds"], 1e-5, "reloaded text_embeds")
     # Cosines times exp(logit_scale) ~ 14: the logits carry 14 times the unit embeddings' rounding.
     assert_close_to_scale(outputs.logits_per_image, saved["logits_per_image"], 5e-5, "reloaded logits_per_image")
+
+
+def test_a_doubled_gradient_fails_the_comparison(workspace, single_process):
+    """The comparison above catches a gradient bug in one parameter group: a DDP run in which rank 0 doubles the
+    gradient of the parameters shared by both towers before it is averaged (``DOUBLE_SHARED_GRAD``) must fail it on
+    the step-1 gradient norm, the step-2 loss and the shared parameters after step 1, while the step-1 loss (computed
+    before any update) still agrees."""
+    output = launch(
+        workspace,
+        "ddp_doubled_shared_gradient",
+        accelerate("multi_process.yaml"),
+        GLOBAL_BATCH // 2,
+        "--num_train_epochs",
+        "1",
+        "--save_strategy",
+        "no",
+        "--no_augmentation",
+        "--adam_epsilon",
+        ADAM_EPSILON,
+        env={"DOUBLE_SHARED_GRAD": "1", "PARAMS_OUTPUT": str(workspace / "ddp_doubled_shared_gradient" / "params")},
+    )
+    found = mismatches(output, single_process)
+    failed = {line.split(":")[0] for line in found}
+    assert {"grad_norm at step 1", "loss at step 2", "clip at step 2"} <= failed, found[:20]
+    assert "loss at step 1" not in failed, found[:20]
+    shared_after_first = [name for name in failed if ".shared." in name and name.endswith("after step 1")]
+    assert len(shared_after_first) >= 10, found[:20]

@@ -1,9 +1,15 @@
-"""run_pretrain.py plus a test hook, launched by tests/test_pretraining_distributed.py (kill-and-resume runs are in
+"""run_pretrain.py plus test hooks, launched by tests/test_pretraining_distributed.py (kill-and-resume runs are in
 tests/test_preemption.py).
 
 Environment:
     PROBE_OUTPUT=path    after training, run every rank's model on a fixed probe batch in eval mode and save the
                          rank-0 outputs to ``path`` (under ZeRO-3 every rank must take part in the forward).
+    PARAMS_OUTPUT=dir    save the full state dict (parameters and buffers, gathered under ZeRO-3) as
+                         ``dir/step-<k>.pt`` from rank 0 after every optimizer step k, and ``dir/step-0.pt`` before the
+                         first (the model every rank trains from).
+    DOUBLE_SHARED_GRAD=1 a deliberate gradient bug: on rank 0 the gradient of every parameter shared by both towers
+                         is doubled before it is reduced over ranks (a tensor hook runs before DDP's and ZeRO's
+                         reduction hooks), so the tests can show that their comparison catches such a bug.
 """
 
 import os
@@ -11,9 +17,48 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from modeling_msclip.pretraining_msclip import parse_pretraining_arguments, run_pretraining  # noqa: E402
+from modeling_msclip.trainer_msclip import is_shared_parameter  # noqa: E402
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, whole: under ZeRO-3 (parameters carry ``ds_id``) all ranks gather them."""
+    parameters = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not parameters:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class SaveParameters(TrainerCallback):
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def save(self, args, model, step: int) -> None:
+        state = full_state_dict(model)  # a collective under ZeRO-3: every rank takes part
+        if args.process_index == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            torch.save(state, self.folder / f"step-{step}.pt")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.save(args, model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.save(args, model, state.global_step)
+
+
+class DoubleSharedGradient(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.process_index != 0:
+            return
+        for name, parameter in model.named_parameters():
+            if is_shared_parameter(name) and parameter.requires_grad:
+                parameter.register_hook(lambda grad: grad * 2)
 
 
 def probe_batch(text_config) -> dict[str, torch.Tensor]:
@@ -28,7 +73,12 @@ def probe_batch(text_config) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    trainer = run_pretraining(*parse_pretraining_arguments())
+    callbacks: list[TrainerCallback] = []
+    if os.environ.get("PARAMS_OUTPUT"):
+        callbacks.append(SaveParameters(os.environ["PARAMS_OUTPUT"]))
+    if os.environ.get("DOUBLE_SHARED_GRAD") == "1":
+        callbacks.append(DoubleSharedGradient())
+    trainer = run_pretraining(*parse_pretraining_arguments(), callbacks=callbacks)
     if os.environ.get("PROBE_OUTPUT"):
         model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         model.eval()
