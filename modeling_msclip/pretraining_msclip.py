@@ -233,7 +233,34 @@ def build_model(
     kwargs = {"attn_implementation": model_args.attn_implementation}
     if model_args.model_name_or_path:
         return MSClipForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
-    return MSClipForPreTraining._from_config(config, **kwargs)
+    with _without_zero3_init():
+        return MSClipForPreTraining._from_config(config, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Any:
+    """Build a new model outside ``deepspeed.zero.Init``, with the initial weights of one process of the same seed.
+
+    Under ZeRO-3, transformers constructs a model from a config inside ``zero.Init`` with the torch initialisers
+    switched off, and then initialises it module by module on rank 0: the random draws come in another order, so
+    96 of 433 tensors of msclip-s-tiny got other values than in one process with the same ``--seed``. Here the HF
+    DeepSpeed config is unset while the model is built, so every rank builds the whole model the usual way (same
+    seed, same weights) and the DeepSpeed engine partitions it when the Trainer starts. The cost: each rank holds the
+    full fp32 model once at start (4 bytes per parameter, e.g. 0.6 GB for 150 M), before it is partitioned. A
+    checkpoint (``--model_name_or_path``) is still loaded into ``zero.Init``: its weights are fixed anyway.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_config = reference() if reference is not None else None
+    if hf_config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(hf_config)
 
 
 def align_text_config_with_tokenizer(config: MSClipConfig, tokenizer: Any, resize: bool) -> None:
