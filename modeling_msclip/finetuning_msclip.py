@@ -331,13 +331,16 @@ def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
 
 
 class SkippedRecordsCallback(TrainerCallback):
-    """Adds the counts of skipped records to the training log (visible in ``trainer_state.json``)."""
+    """Adds the counts of skipped records, summed over ranks, to the training log (``trainer_state.json``)."""
 
     def __init__(self, stats: Mapping[str, DataStats]) -> None:
         self.stats = dict(stats)
 
     def counts(self) -> dict[str, int]:
-        """``{"<stage>_skipped_corrupt_image": n, ...}`` for every stage."""
+        """``{"<stage>_skipped_corrupt_image": n, ...}`` for every stage, summed over torch.distributed ranks.
+
+        A collective call under torch.distributed: every rank must make it, in the same order.
+        """
         return {
             f"{stage}_{key}": value
             for stage, stats in self.stats.items()
@@ -346,8 +349,10 @@ class SkippedRecordsCallback(TrainerCallback):
         }
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Every rank joins the sum (the trainer calls its callbacks on every rank); only the main one logs it.
+        counts = self.counts()
         if state.is_world_process_zero:
-            state.log_history.append({f"data_{key}": value for key, value in self.counts().items()})
+            state.log_history.append({f"data_{key}": value for key, value in counts.items()})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -487,7 +492,8 @@ def run_finetuning(
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = len(eval_dataset)
-        eval_metrics["eval_skipped_corrupt_image"] = stats["eval"].skipped_corrupt_image
+        # Summed over ranks (each rank's collator counts the records of its own share); every rank calls it.
+        eval_metrics["eval_skipped_corrupt_image"] = stats["eval"].as_dict(all_ranks=True)["skipped_corrupt_image"]
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
