@@ -90,6 +90,14 @@ class DataStats:
     torch.distributed) has its own counters; `as_dict(all_ranks=True)` sums them over ranks.
 
     Invariant: ``seen == kept + skipped_corrupt_image + skipped_empty_caption``.
+
+    Where each record is counted: ``kept`` counts the records that pass every check *when they are batched* (the
+    collators and the streams count ``seen`` and ``kept`` at collation, once per epoch). A pre-scan
+    (`drop_bad_records`) counts only the records it drops, as seen and skipped; the records it keeps are counted
+    by the collator when they are batched, so nothing is counted twice. Between a pre-scan and the first batch the
+    counters therefore read ``kept 0``; `summary` then reports the pre-scan instead (``data: pre-scan kept 10 of
+    13, skipped 3 (...); none batched yet``), from `prescan_kept`, the number of records this process's map-style
+    pre-scans kept (None without one; not shared with workers or summed over ranks).
     """
 
     FIELDS = ("seen", "kept", "skipped_corrupt_image", "skipped_empty_caption")
@@ -106,6 +114,7 @@ class DataStats:
         os.close(fd)
         weakref.finalize(self, _remove_lock_file, self._lock_path, os.getpid())
         self._init_process_local_state()
+        self.prescan_kept: int | None = None
 
     def _init_process_local_state(self) -> None:
         self._thread_lock = threading.Lock()
@@ -123,6 +132,7 @@ class DataStats:
         self._lock_path = state["lock_path"]
         self.max_warnings = state["max_warnings"]
         self._init_process_local_state()
+        self.prescan_kept = None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -209,15 +219,24 @@ class DataStats:
     def summary(self, all_ranks: bool = False, counts: dict[str, int] | None = None) -> str:
         """One line for the end-of-run log, e.g. ``data: seen 100, kept 97, skipped 3 (corrupt image 2, ...)``.
 
+        Before the first batch, when only a pre-scan has counted (``kept`` is 0 and every record seen was skipped),
+        the line reports the pre-scan instead: ``data: pre-scan kept 10 of 13, skipped 3 (...); none batched yet``
+        (``pre-scan skipped 3 (...)`` when the number it kept is unknown here, see `prescan_kept`).
+
         ``counts`` formats counters already read with `as_dict` (saves a second collective with ``all_ranks``).
         """
         counts = counts if counts is not None else self.as_dict(all_ranks=all_ranks)
         skipped = counts["skipped_corrupt_image"] + counts["skipped_empty_caption"]
-        return (
-            f"data: seen {counts['seen']}, kept {counts['kept']}, skipped {skipped} "
+        reasons = (
             f"(corrupt or unreadable image {counts['skipped_corrupt_image']}, "
             f"empty caption {counts['skipped_empty_caption']})"
         )
+        if counts["kept"] == 0 and counts["seen"] == skipped and (skipped or self.prescan_kept):
+            if self.prescan_kept is None:
+                return f"data: pre-scan skipped {skipped} {reasons}; none batched yet"
+            total = self.prescan_kept + skipped
+            return f"data: pre-scan kept {self.prescan_kept} of {total}, skipped {skipped} {reasons}; none batched yet"
+        return f"data: seen {counts['seen']}, kept {counts['kept']}, skipped {skipped} {reasons}"
 
     def __repr__(self) -> str:
         return f"DataStats({self.as_dict()})"
@@ -929,10 +948,16 @@ def drop_bad_records(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Remove records with an empty caption or an undecodable image before training, so batches stay full.
 
-    A map-style dataset is filtered now (with ``num_proc`` processes) and the dropped records are added to `stats`.
-    An iterable dataset is filtered lazily, counting into `stats` from whichever process iterates it. The
-    collator's own check stays in place as a safety net; the images of kept records are decoded twice.
-    Dropped records count as seen, so ``seen == kept + skipped`` still holds after the collator adds its counts.
+    A map-style dataset is filtered now (with ``num_proc`` processes). An iterable dataset is filtered lazily,
+    counting into `stats` from whichever process iterates it. The collator's own check stays in place as a safety
+    net; the images of kept records are decoded twice.
+
+    Counting (see `DataStats`): the pre-scan adds only the records it drops to `stats`, as seen and skipped. The
+    records it keeps are counted as seen and kept by the collator (or stream) when they are batched, as every
+    record is, so ``seen == kept + skipped`` holds at every moment and nothing is counted twice. A map-style
+    pre-scan also adds the number it kept to ``stats.prescan_kept``, so that `DataStats.summary` reads, before the
+    first batch, ``data: pre-scan kept 10 of 13, skipped 3 (...); none batched yet`` rather than ``kept 0``; after
+    one epoch through the collator the counters read ``seen 13, kept 10, skipped 3``.
     """
     stats = stats if stats is not None else DataStats()
     if isinstance(dataset, datasets.IterableDataset):
@@ -949,6 +974,7 @@ def drop_bad_records(
         skipped_corrupt_image=corrupt_image,
         skipped_empty_caption=empty_caption,
     )
+    stats.prescan_kept = (stats.prescan_kept or 0) + len(valid)
     return valid
 
 
