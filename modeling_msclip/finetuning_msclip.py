@@ -12,10 +12,13 @@ the definition is the same (fraction of argmax predictions equal to the label).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -48,6 +51,7 @@ from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, en
 from .loss_msclip import logit_scale_exp
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
 from .pretraining_msclip import CheckpointArguments, apply_patch_dropout, build_processor
+from .processing_msclip import image_processor_only
 from .trainer_msclip import parse_arguments_for_this_machine
 
 logger = logging.getLogger(__name__)
@@ -304,6 +308,54 @@ def initialize_head_from_text(
     return scale
 
 
+# Where a classifier folder without a tokenizer names its image processor for ``trust_remote_code=True`` loading.
+CLASSIFIER_IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_msclip.MSClipImageProcessor"}
+
+
+def finish_classifier_folder(folder: str | os.PathLike) -> None:
+    """Make a saved classifier folder that has an image processor but no tokenizer load the same way everywhere.
+
+    Such a folder (from ``--model_preset``, or a checkpoint without a tokenizer) has no ``processing_msclip.py``,
+    so its ``preprocessor_config.json`` must not map ``AutoProcessor`` to it (an image processor loaded from a
+    processor's ``processor_config.json`` carries that entry). Its ``auto_map`` and ``image_processor_type`` are
+    moved out of ``preprocessor_config.json`` and ``config.json`` names ``AutoImageProcessor`` instead, because
+    transformers' ``AutoVideoProcessor`` (which ``pipeline`` tries for every model) turns an ``AutoImageProcessor``
+    entry of the image-processor file into a remote ``MSClipVideoProcessor`` and asks whether to run custom code,
+    even with this package imported. After this:
+
+    * with ``modeling_msclip`` imported, ``AutoImageProcessor``, ``AutoModelForImageClassification``,
+      ``AutoProcessor`` (the image processor, see `MSClipProcessor.from_pretrained`) and
+      ``pipeline("image-classification", model=folder)`` use the package's classes and ask nothing;
+    * without it, the same calls with ``trust_remote_code=True`` load the copied ``*_msclip.py`` files.
+
+    A folder with a tokenizer holds the whole processor (``processor_config.json`` and ``processing_msclip.py``)
+    and is left as it is.
+    """
+    folder = Path(folder)
+    image_config_path = folder / "preprocessor_config.json"
+    if not image_config_path.is_file() or not image_processor_only(folder):
+        return
+    image_config = json.loads(image_config_path.read_text())
+    image_config.pop("auto_map", None)
+    image_config.pop("image_processor_type", None)
+    image_config_path.write_text(json.dumps(image_config, indent=2, sort_keys=True) + "\n")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {**(config.get("auto_map") or {}), **CLASSIFIER_IMAGE_PROCESSOR_AUTO_MAP}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    source = Path(__file__).resolve().parent / "image_processing_msclip.py"
+    if not (folder / source.name).is_file():
+        shutil.copy(source, folder / source.name)
+
+
+class ClassifierFolderCallback(TrainerCallback):
+    """Applies `finish_classifier_folder` to every checkpoint the trainer saves (on the main process)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            finish_classifier_folder(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Metrics and callbacks
 # --------------------------------------------------------------------------------------------------------------------
@@ -480,11 +532,13 @@ def run_finetuning(
         data_collator=collator,
         processing_class=processor,
         compute_metrics=compute_metrics,
-        callbacks=[skipped, *(callbacks or [])],
+        callbacks=[skipped, ClassifierFolderCallback(), *(callbacks or [])],
     )
     attach_checkpointing(trainer, checkpoint)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
+    if trainer.is_world_process_zero():
+        finish_classifier_folder(training_args.output_dir)
     train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
     train_metrics.update({key: value for key, value in skipped.counts().items() if key.startswith("train_")})
     trainer.log_metrics("train", train_metrics)
@@ -512,6 +566,7 @@ __all__ = [
     "classification_metrics",
     "compute_metrics",
     "drop_unreadable_images",
+    "finish_classifier_folder",
     "initialize_head_from_text",
     "load_classification_dataset",
     "parse_finetuning_arguments",

@@ -62,17 +62,51 @@ class MSClipProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """Load the processor of a saved folder.
+
+        ``AutoProcessor.from_pretrained`` on a local folder that holds an image processor but no tokenizer (an image
+        classifier's folder, as fine-tuning writes it) returns that `MSClipImageProcessor`, as transformers'
+        ``AutoProcessor`` does for image-only models; called directly, such a folder is a ``ValueError`` that says
+        so.
+        """
+        if kwargs.get("_from_auto") and image_processor_only(pretrained_model_name_or_path, kwargs.get("subfolder")):
+            kwargs.pop("trust_remote_code", None)
+            return MSClipImageProcessor.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def _get_arguments_from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, processor_dict: dict | None = None, **kwargs
     ) -> list:
         """Load both sub-processors with their own classes, so that ``MSClipProcessor.from_pretrained`` works
         without Auto-class registration or ``trust_remote_code``."""
+        if image_processor_only(pretrained_model_name_or_path, kwargs.get("subfolder")):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds an image processor but no tokenizer (an image classifier's "
+                "folder): load it with MSClipImageProcessor.from_pretrained or AutoImageProcessor.from_pretrained"
+            )
         # The classes are known here; the flag only matters to the Auto classes.
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("subfolder", None)
         image_processor = MSClipImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         tokenizer = MSClipTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
+
+
+# Files of a saved tokenizer (MSClipTokenizer writes the first two; a CLIP tokenizer folder has the last two).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def image_processor_only(folder: str | os.PathLike, subfolder: str | None = None) -> bool:
+    """Whether ``folder`` is a local folder with an image-processor file and no tokenizer file (an image
+    classifier's folder). Hub ids and other sources are never image-only here."""
+    path = Path(folder) / (subfolder or "")
+    if not path.is_dir():
+        return False
+    has_image_processor = any((path / name).is_file() for name in IMAGE_PROCESSOR_FILES)
+    return has_image_processor and not any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def build_msclip_processor(
@@ -112,5 +146,6 @@ __all__ = [
     "MSClipProcessorKwargs",
     "MSClipTextKwargs",
     "build_msclip_processor",
+    "image_processor_only",
     "remote_code_files",
 ]

@@ -6,7 +6,9 @@ loading from a pre-training checkpoint and the text-initialised head.
 """
 
 import json
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,6 +135,128 @@ def test_finetune_learns_colours_and_round_trips(saved_checkpoint, color_data, t
     assert_close_to_scale(logits, trained_logits, 1e-5, "logits of the reloaded model")
     assert (logits.argmax(-1) == labels).double().mean().item() == pytest.approx(eval_results["eval_accuracy"])
     assert reloaded.config.id2label == {0: "dark blue", 1: "green", 2: "red"}
+
+
+# Run in a fresh interpreter with stdin closed: prints one JSON line per folder with the classes the Auto factories
+# and the pipeline resolve and the top class of the pipeline and of the model itself. argv: import the package or
+# not ("package" / "remote"), an image, then the folders.
+LOAD_FOLDERS = """
+import json, sys
+import torch
+from PIL import Image
+if sys.argv[1] == "package":
+    import modeling_msclip  # registers the classes with the Auto factories
+    options = {}
+else:
+    options = {"trust_remote_code": True}
+from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoProcessor, pipeline
+image = Image.open(sys.argv[2]).convert("RGB")
+for folder in sys.argv[3:]:
+    image_processor = AutoImageProcessor.from_pretrained(folder, **options)
+    model = AutoModelForImageClassification.from_pretrained(folder, **options).eval()
+    processor = AutoProcessor.from_pretrained(folder, **options)
+    classifier = pipeline("image-classification", model=folder, **options)
+    with torch.no_grad():
+        logits = model(**image_processor(images=[image], return_tensors="pt")).logits
+    print(json.dumps({
+        "image_processor": type(image_processor).__module__ + "." + type(image_processor).__name__,
+        "model": type(model).__module__ + "." + type(model).__name__,
+        "processor": type(processor).__name__,
+        "pipeline": type(classifier).__name__,
+        "pipeline_top": classifier(image, top_k=1)[0]["label"],
+        "model_top": model.config.id2label[int(logits.argmax())],
+        "package_imported": "modeling_msclip" in sys.modules,
+    }))
+"""
+
+
+def _auto_map_targets(folder: Path) -> list[str]:
+    """Every ``module.Class`` that an ``auto_map`` of a JSON file in ``folder`` names (nested ones too)."""
+    targets = []
+
+    def collect(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "auto_map":
+                    for target in item.values():
+                        targets.extend(t for t in (target if isinstance(target, list) else [target]) if t)
+                else:
+                    collect(item)
+
+    for path in folder.glob("*.json"):
+        collect(json.loads(path.read_text()))
+    return targets
+
+
+def test_a_finetuned_folder_loads_with_the_auto_classes_and_the_pipeline(saved_checkpoint, color_data, tmp_path):
+    train_dir, eval_dir = color_data
+    # Three sources of the processor: a preset (no checkpoint), a checkpoint holding only the image processor of a
+    # processor_config.json (whose auto_map names AutoProcessor), and a checkpoint with the whole processor.
+    image_only = tmp_path / "image_only_checkpoint"
+    image_only.mkdir()
+    for path in saved_checkpoint.iterdir():
+        if not path.name.startswith("tokeniz"):
+            (image_only / path.name).write_bytes(path.read_bytes())
+    sources = {
+        "preset": ModelArguments(model_preset="msclip-s-tiny"),
+        "image_only": ModelArguments(model_name_or_path=str(image_only)),
+        "full": ModelArguments(model_name_or_path=str(saved_checkpoint)),
+    }
+    folders = {}
+    for name, model_args in sources.items():
+        folders[name] = tmp_path / name
+        training_args = TrainingArguments(
+            output_dir=str(folders[name]),
+            max_steps=2,
+            per_device_train_batch_size=8,
+            save_strategy="steps" if name == "image_only" else "no",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+        )
+        run_finetuning(model_args, DataArguments(train_data=str(train_dir)), training_args)
+    folders["image_only_checkpoint"] = folders["image_only"] / "checkpoint-2"  # saved during training
+    for name, folder in folders.items():
+        # No auto_map entry names a file that the folder lacks.
+        assert _auto_map_targets(folder)
+        for target in _auto_map_targets(folder):
+            assert (folder / f"{target.split('.')[0]}.py").is_file(), f"{name}: auto_map names {target}"
+    with pytest.raises(ValueError, match="holds an image processor but no tokenizer.*AutoImageProcessor"):
+        MSClipProcessor.from_pretrained(folders["preset"])
+    image = sorted(eval_dir.glob("red/*.png"))[0]
+
+    def load(mode: str, *names: str) -> list[dict]:
+        env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+        result = subprocess.run(
+            [sys.executable, "-c", LOAD_FOLDERS, mode, str(image), *(str(folders[name]) for name in names)],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        output = result.stdout + result.stderr
+        assert "custom code" not in output, output[-3000:]
+        assert result.returncode == 0, output[-3000:]
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    # With the package imported its own classes answer, without a remote-code question.
+    for name, loaded in zip(folders, load("package", *folders)):
+        assert loaded["image_processor"] == "modeling_msclip.image_processing_msclip.MSClipImageProcessor", name
+        assert loaded["model"] == "modeling_msclip.modeling_msclip.MSClipForImageClassification", name
+        # AutoProcessor gives the image processor where there is no tokenizer, as transformers does for ViT.
+        assert loaded["processor"] == ("MSClipProcessor" if name == "full" else "MSClipImageProcessor"), name
+        assert loaded["pipeline"] == "ImageClassificationPipeline" and loaded["package_imported"]
+        assert loaded["pipeline_top"] == loaded["model_top"], name
+    # Without it, trust_remote_code=True loads the copied files.
+    for name, loaded in zip(["preset", "image_only"], load("remote", "preset", "image_only")):
+        assert loaded["image_processor"].startswith("transformers_modules.") and not loaded["package_imported"]
+        assert loaded["model"].startswith("transformers_modules.") and loaded["model"].endswith(
+            "MSClipForImageClassification"
+        )
+        assert loaded["processor"] == "MSClipImageProcessor", name
+        assert loaded["pipeline_top"] == loaded["model_top"], name
 
 
 def test_output_dir_is_not_overwritten_silently(saved_checkpoint, color_data, tmp_path):
