@@ -8,23 +8,37 @@ assuming the gradient reduction averages over ranks (DDP, DeepSpeed and FSDP all
 
 Why that holds (B = local batch, W = world size, N = B * W, L = the single-process loss on the N pairs):
 
-* ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients of all ranks in its backward. So if
-  rank r computes a loss L_r on gathered features, the gradient reaching rank r's own features is
-  sum_r' dL_r'/df_r, and after the ranks' parameter gradients are averaged the result is the gradient of
-  mean_r L_r. Every rank therefore has to return a loss whose *mean over ranks* is L:
+* The autograd all-gather of :func:`gather_features` (a single-tensor all-gather whose backward is a sum
+  reduce-scatter, as was the backward of the deprecated ``torch.distributed.nn.functional.all_gather``) sums the
+  incoming gradients of all ranks in its backward. So if rank r computes a loss L_r on gathered features, the
+  gradient reaching rank r's own features is sum_r' dL_r'/df_r, and after the ranks' parameter gradients are
+  averaged the result is the gradient of mean_r L_r. Every rank therefore has to return a loss whose *mean over
+  ranks* is L:
     - local rows (``ClipLoss(local_loss=True)``, ``SigLipLoss``, nCLIP's per-pair terms): L_r is the mean over the
       rank's own rows, and the mean of the L_r is the mean over all N rows = L. The per-rank values differ.
     - full N x N (``ClipLoss(local_loss=False, gather_with_grad=True)``): every rank returns L itself; the summed
       backward hands each rank W * dL/df_r and the averaging divides the W back out.
-    - nCLIP smoothness: the batch-mean distribution is built with an autograd all_reduce (whose backward is also
-      a sum), every rank returns the same value, the same W cancels.
-* A gather *without* grad (plain all_gather, local shard spliced back) only differentiates L with respect to the
+    - nCLIP smoothness: the batch-mean distribution is built with an autograd all_reduce
+      (:func:`all_reduce_sum_with_grad`, whose backward is also a sum), every rank returns the same value, the same
+      W cancels.
+* A gather *without* grad (no autograd, local shard spliced back) only differentiates L with respect to the
   local shard: rank r gets exactly dL/df_r, so averaging would give dL/dtheta / W. ``ClipLoss`` multiplies the
   gradient of the local features by W in that mode so that it, too, matches one process (open_clip leaves the
   1/W in). Combined with local rows it would additionally drop the gradient of a rank's features acting as
   negatives in other ranks' rows, so that combination is refused.
 
 Memory: full N x N logits cost O(N^2) per rank, local rows O(B * N) with identical numbers.
+
+Collectives: only public, non-deprecated in-place ones of ``torch.distributed`` (``all_gather_single`` /
+``reduce_scatter_single`` where torch has them, ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` on releases
+that lack those names, and ``all_reduce``), inside two small ``torch.autograd.Function``s whose backwards are the
+sums described above. torch 2.13 deprecates the autograd collectives of ``torch.distributed.nn.functional`` (they
+warn, and torch.compile cannot trace them: it falls back to eager around them) and points to
+``torch.distributed._functional_collectives``, a private module whose autograd entry points have changed between
+releases (2.13 deprecates its ``all_gather_tensor_autograd``). The in-place collectives are implemented by NCCL and
+by gloo (which builds the reduce-scatter from an all-reduce), and torch.compile traces them into the forward and
+backward graphs (Dynamo rewrites them to functional collectives); the batch-size check reads a value on the host and
+runs outside the graph. docs/losses.md has the details.
 """
 
 from __future__ import annotations
@@ -66,13 +80,12 @@ def get_rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
+@torch.compiler.disable
 def _check_same_local_batch(tensor: torch.Tensor, world_size: int) -> None:
     # Collectives need equal shapes and the label offset rank * B assumes them; every rank sees the same list of
     # sizes, so every rank raises together instead of one of them hanging in the next collective.
     local = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
-    sizes = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(sizes, local)
-    sizes_list = torch.cat(sizes).tolist()  # one host sync
+    sizes_list = _all_gather_dim0(local, world_size).tolist()  # one host sync
     if len(set(sizes_list)) != 1:
         raise ValueError(
             f"all ranks must pass the same local batch size to the loss, got {sizes_list} "
@@ -80,13 +93,58 @@ def _check_same_local_batch(tensor: torch.Tensor, world_size: int) -> None:
         )
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names still work there but warn); torch < 2.13 has only
+# the old names. Resolved once; absent (None) on builds without distributed, where world size is always 1.
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+def _all_gather_dim0(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``[W * B, ...]``: the ranks' contiguous ``[B, ...]`` tensors concatenated in rank order (no autograd)."""
+    out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    _ALL_GATHER_SINGLE(out, tensor)
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward sums every rank's gradient of this rank's slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, world_size: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.world_size = world_size
+        return _all_gather_dim0(tensor.contiguous(), world_size)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad_output = grad_output.contiguous()
+        grad_input = grad_output.new_empty((grad_output.shape[0] // ctx.world_size, *grad_output.shape[1:]))
+        _REDUCE_SCATTER_SINGLE(grad_input, grad_output, op=dist.ReduceOp.SUM)
+        return grad_input, None
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks (out of place); the backward sums the ranks' gradients too (the output is shared by all)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad_input = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad_input, op=dist.ReduceOp.SUM)
+        return grad_input
+
+
 def gather_features(tensor: torch.Tensor, with_grad: bool, check_batch: bool = True) -> torch.Tensor:
     """All-gather ``tensor`` along dim 0 across the default process group (rank order).
 
     Args:
         tensor: local ``[B, ...]`` tensor; every rank must pass the same shape (checked).
-        with_grad: ``True`` uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients
-            of all ranks and routes them to the owner rank. ``False`` uses a plain ``all_gather`` and splices the
+        with_grad: ``True`` gathers with an autograd all-gather whose backward sums the gradients of all ranks and
+            routes them to the owner rank (a reduce-scatter). ``False`` gathers without autograd and splices the
             local tensor back into its slot, so only the local shard carries gradient (it receives this rank's
             gradient only).
         check_batch: compare the local batch sizes across ranks first (one extra collective). A caller gathering a
@@ -100,13 +158,9 @@ def gather_features(tensor: torch.Tensor, with_grad: bool, check_batch: bool = T
         return tensor
     if check_batch:
         _check_same_local_batch(tensor, world_size)
-    tensor = tensor.contiguous()
     if with_grad:
-        import torch.distributed.nn.functional as dist_nn  # imported lazily: absent on builds without distributed
-
-        return torch.cat(dist_nn.all_gather(tensor), dim=0)
-    shards = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(shards, tensor.detach())
+        return _AllGatherWithGrad.apply(tensor, world_size)
+    shards = list(_all_gather_dim0(tensor.detach().contiguous(), world_size).chunk(world_size))
     shards[rank] = tensor
     return torch.cat(shards, dim=0)
 
@@ -116,9 +170,7 @@ def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     _, world_size = get_rank_and_world_size()
     if world_size == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_nn
-
-    return dist_nn.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return _AllReduceSumWithGrad.apply(tensor)
 
 
 def _all_reduce_sum_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from modeling_msclip.loss_msclip import (
     NClipLoss,
     NClipPrototypes,
     SigLipLoss,
+    all_reduce_sum_with_grad,
     check_finite_loss,
     clamp_logit_scale_,
     gather_features,
@@ -141,6 +142,7 @@ def test_helpers_are_identity_without_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_features(x, with_grad=True) is x
     assert gather_features(x, with_grad=False) is x
+    assert all_reduce_sum_with_grad(x) is x
 
 
 # ----------------------------------------------------------------------------------------------------------------
