@@ -1130,20 +1130,90 @@ class ZeroShotEvalCallback(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or CUDA where it is available and else the CPU (the default of every ``device=`` here)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+TEXT_TASK_OPTIONS = ("--zero-shot-data", "--retrieval-data", "--shapes-data")
+
+
+def is_image_classifier_checkpoint(model_dir: str | os.PathLike) -> bool:
+    """Whether a saved folder is an `MSClipForImageClassification` (its config's ``architectures``)."""
+    from .configuration_msclip import MSClipConfig
+
+    return "MSClipForImageClassification" in (MSClipConfig.from_pretrained(model_dir).architectures or [])
+
+
+def image_classifier_refusal(
+    model_dir: str | os.PathLike, tasks: str = "zero-shot, retrieval and the shapes tasks"
+) -> str:
+    """Why a fine-tuned classifier cannot be evaluated on ``tasks``, and what to do instead."""
+    return (
+        f"{model_dir} is a fine-tuned image classifier (MSClipForImageClassification): it has a vision tower and a "
+        f"classification head but no text tower or projection, so {tasks} cannot be evaluated with it (an "
+        "MSClipModel loaded from it would start them from random weights). Its accuracy is the fine-tuning "
+        "evaluation: eval_results.json of run_finetune_classification.py --eval_data (see docs/finetuning.md); "
+        "evaluate the dual-encoder checkpoint it was fine-tuned from for zero-shot and retrieval; "
+        "--linear-probe-train/--linear-probe-test fit a linear probe on its vision features."
+    )
+
+
 def load_model_and_processor(
     model_dir: str | os.PathLike, device: str | None = None, attn_implementation: str | None = None
 ) -> tuple[torch.nn.Module, Any]:
     """Load `MSClipModel` and `MSClipProcessor` from a saved directory with this package's own classes (no remote
-    code), in eval mode on `device` (default: CUDA if available, else CPU)."""
+    code), in eval mode on `device` (default: CUDA if available, else CPU).
+
+    A fine-tuned `MSClipForImageClassification` folder, or any checkpoint that lacks weights of `MSClipModel`
+    (they would start random: an evaluation of noise), is a ``ValueError``; see `load_image_classifier_features`
+    for a classifier's vision features.
+    """
     from .modeling_msclip import MSClipModel
     from .processing_msclip import MSClipProcessor
 
+    if is_image_classifier_checkpoint(model_dir):
+        raise ValueError(image_classifier_refusal(model_dir))
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = MSClipModel.from_pretrained(model_dir, **kwargs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    model, info = MSClipModel.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(
+            f"{model_dir} lacks {len(missing)} weight(s) of MSClipModel, which would start from random values "
+            f"(e.g. {', '.join(missing[:3])}): it is no MS-CLIP dual-encoder checkpoint"
+        )
+    model.to(default_device(device)).eval()
     processor = MSClipProcessor.from_pretrained(model_dir)
     return model, processor
+
+
+class ClassifierImageFeatures(torch.nn.Module):
+    """The vision features of an `MSClipForImageClassification` behind ``get_image_features``: the pooled class
+    token after the vision post-LayerNorm, the input of its head (no projection), for the linear probe."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> Any:
+        model = self.classifier
+        return model.vision_model(model.encoder, pixel_values, post_layernorm=model.head_layer_norm)
+
+
+def load_image_classifier_features(
+    model_dir: str | os.PathLike, device: str | None = None, attn_implementation: str | None = None
+) -> tuple[ClassifierImageFeatures, Any]:
+    """A fine-tuned classifier's vision features (`ClassifierImageFeatures`, eval mode, on `device`) and its image
+    processor, as ``(model, (None, image_processor))`` for `evaluate_linear_probe`."""
+    from .image_processing_msclip import MSClipImageProcessor
+    from .modeling_msclip import MSClipForImageClassification
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    classifier = MSClipForImageClassification.from_pretrained(model_dir, **kwargs)
+    model = ClassifierImageFeatures(classifier).to(default_device(device)).eval()
+    return model, (None, MSClipImageProcessor.from_pretrained(model_dir))
 
 
 EVAL_PURPOSES = ("auto", "classification", "retrieval")
@@ -1288,7 +1358,12 @@ def evaluate_shapes_dataset(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI entry point: run the requested evaluations, print a table and write JSON."""
     parser = argparse.ArgumentParser(description="Evaluate an MS-CLIP checkpoint (zero-shot, retrieval, linear probe)")
-    parser.add_argument("--model", required=True, help="directory written by save_pretrained (model + processor)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="directory written by save_pretrained (model + processor): an MSClipModel/MSClipForPreTraining; a "
+        "fine-tuned MSClipForImageClassification is accepted for the linear probe only (no text tower)",
+    )
     parser.add_argument("--zero-shot-data", help="labelled data: class folders, saved dataset, imagefolder with labels")
     parser.add_argument("--class-names", help="text file, one class name per line in label order")
     parser.add_argument("--templates", help="text file, one template with a {} placeholder per line")
@@ -1332,7 +1407,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.output and Path(args.output).exists() and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
-    model, processor = load_model_and_processor(args.model, args.device)
+    if is_image_classifier_checkpoint(args.model):
+        options = [option for option in TEXT_TASK_OPTIONS if getattr(args, option[2:].replace("-", "_"))]
+        if options:
+            parser.error(image_classifier_refusal(args.model, " and ".join(options)))
+        model, processor = load_image_classifier_features(args.model, args.device)
+    else:
+        model, processor = load_model_and_processor(args.model, args.device)
     class_names = read_nonempty_lines(args.class_names) if args.class_names else None
     columns = {"image_column": args.image_column}
     labelled = {"purpose": "classification", "label_column": args.label_column, "class_names": class_names, **columns}

@@ -18,6 +18,7 @@ from PIL import Image
 
 from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipModel, MSClipProcessor
 from modeling_msclip import evaluation_msclip as ev
+from modeling_msclip.data_msclip import decode_image
 from modeling_msclip.shapes_dataset import COLOR_NAMES, ZERO_SHOT_TASKS, ShapesConfig, write_shapes_dataset
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
 
@@ -166,3 +167,79 @@ def test_class_folders_with_splits_and_saved_datasets_give_the_same_zero_shot(sa
     # Several splits and none chosen: a clear error naming them.
     with pytest.raises(ValueError, match="split"):
         ev.load_eval_dataset(tmp_path / "fm", purpose="retrieval")
+
+
+def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_vision_features(
+    msclip_tokenizer_dir, shapes_dirs, tmp_path, capsys
+):
+    # A fine-tuned classifier folder as fine-tuning writes it from a checkpoint with a tokenizer: vision tower +
+    # head and the whole processor, so an MSClipModel loads from it (text tower and projection random).
+    from modeling_msclip import MSClipForImageClassification
+    from modeling_msclip.finetuning_msclip import finish_classifier_folder
+
+    folder = tmp_path / "classifier"
+    torch.manual_seed(3)
+    names = ["blue", "green", "red"]
+    config = MSClipConfig.from_preset("msclip-s-tiny", id2label=dict(enumerate(names)))
+    config.architectures = ["MSClipForImageClassification"]
+    classifier = MSClipForImageClassification(config).eval()
+    classifier.save_pretrained(folder)
+    image_processor = MSClipImageProcessor.from_preset("msclip", image_size=64)
+    tokenizer = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
+    MSClipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    finish_classifier_folder(folder)
+    data = tmp_path / "data"
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 160)}
+    for split, count in (("train", 4), ("test", 3)):
+        for name, colour in rgb.items():
+            (data / split / name).mkdir(parents=True)
+            for index in range(count):
+                shade = tuple(min(255, value + 9 * index) for value in colour)
+                Image.new("RGB", (40, 40), shade).save(data / split / name / f"{index}.png")
+
+    # Zero-shot, retrieval and the shapes tasks need the text tower it lacks: refused before anything is computed.
+    folder_data, _ = shapes_dirs
+    for option, source in (
+        ("--zero-shot-data", data),
+        ("--retrieval-data", folder_data),
+        ("--shapes-data", folder_data),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main(["--model", str(folder), option, str(source), "--split", "test", "--device", "cpu"])
+        assert exit_info.value.code == 2
+        message = capsys.readouterr().err
+        assert "is a fine-tuned image classifier (MSClipForImageClassification)" in message, message
+        assert f"{option} cannot be evaluated" in message and "no text tower" in message
+        assert "eval_results.json" in message and "--linear-probe-train" in message
+    with pytest.raises(ValueError, match="fine-tuned image classifier"):
+        ev.load_model_and_processor(folder, "cpu")
+    # A checkpoint that lacks weights MSClipModel needs is refused too, naming them (here the classifier's weights
+    # with a config that does not say what it is).
+    partial = tmp_path / "partial"
+    MSClipForImageClassification(MSClipConfig.from_preset("msclip-s-tiny")).save_pretrained(partial)
+    partial_config = json.loads((partial / "config.json").read_text())
+    del partial_config["architectures"]
+    (partial / "config.json").write_text(json.dumps(partial_config))
+    with pytest.raises(ValueError, match=r"lacks \d+ weight"):
+        ev.load_model_and_processor(partial, "cpu")
+
+    # The linear probe runs on its vision features: the pooled class token that its head reads.
+    argv = ["--model", str(folder), "--device", "cpu", "--batch-size", "5"]
+    argv += ["--linear-probe-train", str(data / "train"), "--linear-probe-test", str(data / "test")]
+    probe = ev.main(argv)["linear_probe"]
+    seen = []
+    hook = classifier.classifier.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+
+    def head_inputs(split: str):
+        dataset = ev.load_eval_dataset(data / split, purpose="classification")
+        images = [decode_image(record["image"]) for record in dataset]
+        seen.clear()
+        with torch.no_grad():
+            classifier(pixel_values=image_processor(images=images, return_tensors="pt")["pixel_values"])
+        return seen[0], torch.tensor(dataset["label"])
+
+    by_hand = ev.linear_probe(*head_inputs("train"), *head_inputs("test"))
+    hook.remove()
+    assert probe["num_train"] == 12 and probe["num_test"] == 9 and probe["num_classes"] == 3
+    assert probe["accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-9)
+    assert probe["best_l2"] == by_hand["best_l2"]

@@ -10,6 +10,10 @@ Parquet tables, webdataset shards, save_to_disk folders, Hub datasets, or the em
 runs every shapes zero-shot task and retrieval). The format is detected by the rules of docs/data.md; --format (or
 --zero-shot-format, --retrieval-format, --linear-probe-format) names it: a folder with a metadata.jsonl is an image
 folder, so the class sub-folders next to one (Fashion-MNIST) need classfolder. Prints a table; --output writes JSON.
+
+CKPT is a dual encoder (MSClipModel / MSClipForPreTraining). A fine-tuned classifier (MSClipForImageClassification)
+has no text tower: zero-shot, retrieval and the shapes tasks refuse it (its accuracy is the eval_results.json of
+run_finetune_classification.py --eval_data); the linear probe runs on its vision features.
 All options: ``python training/run_evaluation.py --help``. See docs/finetuning.md and docs/evaluation.md.
 """
 
