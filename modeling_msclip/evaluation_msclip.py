@@ -393,7 +393,8 @@ def linear_probe(
         standardize: scale features to zero mean / unit variance with the fitting set's statistics.
         max_iter / tolerance: L-BFGS limits.
         seed: seed of the validation split.
-        device / dtype: where and in which precision to fit (default: CPU, float32).
+        device / dtype: where and in which precision to fit (default: CUDA where available, else the CPU;
+            float32). The fit is deterministic on one device; CPU and GPU agree to float32 rounding.
 
     Returns:
         dict with `accuracy`, `mean_per_class_recall` (test set), `best_l2`, `sweep` (list of
@@ -422,7 +423,7 @@ def linear_probe(
     to_contiguous = {c: i for i, c in enumerate(classes.tolist())}
     y_train = torch.tensor([to_contiguous[c] for c in train_labels.tolist()], dtype=torch.long)
     y_test = torch.tensor([to_contiguous.get(c, -1) for c in test_labels.tolist()], dtype=torch.long)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = default_device(device)
 
     def predict(fit_idx: torch.Tensor, eval_features: torch.Tensor, params) -> torch.Tensor:
         fit_features = train_features[fit_idx]

@@ -5,9 +5,9 @@ testable lives here. The model is `MSClipForImageClassification`: the vision tow
 share of the block stack) and a linear head on the class token. Optionally the head starts as the zero-shot
 classifier built from the text embeddings of the class names (``--init_head_from_text``).
 
-Accuracy is computed here with numpy. The `evaluate` library's ``evaluate.load("accuracy")`` downloads its metric
-script from the Hugging Face Hub (the installed package ships none), so it fails on machines without Hub access;
-the definition is the same (fraction of argmax predictions equal to the label).
+Accuracy is computed here with numpy. The `evaluate` library is no dependency of this project, and where it is
+installed ``evaluate.load("accuracy")`` takes the metric's code from the Hugging Face Hub (or its cache), so it fails
+on machines without Hub access; the definition is the same (fraction of argmax predictions equal to the label).
 """
 
 from __future__ import annotations

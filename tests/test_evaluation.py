@@ -7,6 +7,8 @@ has the same `get_*_features(...).pooler_output` API as MS-CLIP, and a real `Tra
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +211,21 @@ def test_linear_probe_separable_data_is_perfect():
     assert result["num_classes"] == 3
     # 20 % of each 20-sample class held out for the sweep: 4 x 3; the final fit uses all 60
     assert (result["num_train"], result["num_validation"], result["num_test"]) == (60, 12, 30)
+
+
+def test_device_defaults_to_what_exists_and_the_documented_snippet_names_none():
+    # device=None means CUDA where it is available, else the CPU, for the probe as for the model loader.
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ev.default_device().type == expected and ev.default_device("cpu").type == "cpu"
+    generator = torch.Generator().manual_seed(4)
+    centers = [(1.0, 0.0), (-1.0, 0.0), (0.0, 1.0)]
+    train, test = _blobs([12, 12, 12], centers, generator), _blobs([6, 6, 6], centers, generator)
+    by_default = linear_probe(*train, *test, l2_grid=(1e-2, 1e-4))
+    assert by_default == linear_probe(*train, *test, l2_grid=(1e-2, 1e-4), device=expected)
+    # The Python API snippet of docs/evaluation.md runs where there is no GPU: it names no device.
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    python_blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert python_blocks and not any('device="cuda"' in block for block in python_blocks)
 
 
 def test_linear_probe_non_separable_reaches_bayes_bound():
