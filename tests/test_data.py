@@ -787,6 +787,78 @@ def test_fashion_mnist_recipe(tmp_path, cache_dir):
     assert sorted(str(path.relative_to(tmp_path / "out")) for path in (tmp_path / "out").rglob("*")) == before
 
 
+def _labels_by_file(dataset, class_names) -> dict[str, tuple[int, str]]:
+    return {Path(record["image"]["path"]).name: (record["label"], class_names[record["label"]]) for record in dataset}
+
+
+def test_one_label_order_for_both_layouts_of_the_same_images(tmp_path, cache_dir):
+    """The label-order rule of docs/data.md: the ids follow the sorted label names as the data writes them."""
+    from modeling_msclip.data_msclip import load_dataset, prepare_labels
+    from modeling_msclip.evaluation_msclip import class_names_from_dataset, load_eval_dataset
+    from modeling_msclip.finetuning_msclip import load_classification_dataset
+
+    # Names whose order is easy to get wrong: capitals before lower case, '-' (0x2d) before '_' (0x5f).
+    folders = ["sea_lion", "sea-urchin", "Seal", "ankle_boot", "bag"]
+    rows = []
+    for number, folder in enumerate(folders):
+        for index in range(2):
+            name = f"{number}{index}.png"
+            for root in (tmp_path / "classes" / folder, tmp_path / "images" / "images"):
+                root.mkdir(parents=True, exist_ok=True)
+                _image(number).save(root / name)
+            rows.append({"file_name": f"images/{name}", "label": folder, "text": f"a {folder}"})
+    (tmp_path / "images" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    expected_names = ["Seal", "ankle boot", "bag", "sea-urchin", "sea lion"]  # sorted as written: "sea-" < "sea_"
+
+    loaded = {
+        "class folders": prepare_labels(load_dataset(tmp_path / "classes", task="classification", cache_dir=cache_dir)),
+        "image folder": prepare_labels(load_dataset(tmp_path / "images", task="classification", cache_dir=cache_dir)),
+        "load_class_folder_dataset": load_class_folder_dataset(tmp_path / "classes", cache_dir=cache_dir),
+        "fine-tuning, class folders": load_classification_dataset(tmp_path / "classes"),
+        "fine-tuning, image folder": load_classification_dataset(tmp_path / "images"),
+        # datasets' own imagefolder on class folders (drop_labels=False), as plain transformers code reads them.
+        "datasets imagefolder": (
+            datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "classes"), split="train").cast_column(
+                "image", datasets.Image(decode=False)
+            ),
+            expected_names,
+        ),
+    }
+    for source in ("classes", "images"):
+        dataset = load_eval_dataset(tmp_path / source, purpose="classification")
+        loaded[f"evaluation, {source}"] = (dataset, class_names_from_dataset(dataset))
+    reference = _labels_by_file(*loaded["class folders"])
+    assert sorted(set(reference.values())) == list(enumerate(expected_names))
+    for name, (dataset, class_names) in loaded.items():
+        assert class_names == expected_names, name
+        assert _labels_by_file(dataset, class_names) == reference, name
+
+    # The Fashion-MNIST tree holds both layouts of the same images: class folders and a metadata.jsonl whose
+    # class_name column spells the names with spaces. Sorted, the two give the same ids to every image.
+    fashion = _load_script("fashion_mnist")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    labels = np.arange(20, dtype=np.uint8) % 10
+    for split in ("train", "test"):
+        image_stem, label_stem = fashion.IDX_FILES[split]
+        images = np.random.default_rng(1).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+        (raw / f"{image_stem}.gz").write_bytes(gzip.compress(_idx_bytes(images, 0x08)))
+        (raw / f"{label_stem}.gz").write_bytes(gzip.compress(_idx_bytes(labels, 0x08)))
+    assert fashion.main(["--input-dir", str(raw), "--output", str(tmp_path / "fm")]) == 0
+    by_folder = load_classification_dataset(tmp_path / "fm", split="test", format="classfolder")
+    by_metadata = load_classification_dataset(tmp_path / "fm", split="test", label_column="class_name")
+    assert by_folder[1] == by_metadata[1] == sorted(fashion.FASHION_MNIST_CLASSES)
+    assert _labels_by_file(*by_folder) == _labels_by_file(*by_metadata)
+    # Labels that are ids already (the integer fashion_mnist_label, named in Fashion-MNIST order) keep their ids:
+    # other numbers, the same class name for every image.
+    by_id = load_classification_dataset(
+        tmp_path / "fm", split="test", label_column="fashion_mnist_label", class_names=fashion.FASHION_MNIST_CLASSES
+    )
+    assert by_id[1] == list(fashion.FASHION_MNIST_CLASSES)
+    named = {file: name for file, (_, name) in _labels_by_file(*by_folder).items()}
+    assert {file: name for file, (_, name) in _labels_by_file(*by_id).items()} == named
+
+
 def test_pretraining_prescan_counts_each_bad_record_once_across_ranks(tmp_path, monkeypatch):
     # Every rank scans the whole map-style dataset; the summed per-rank counts must still count each drop once.
     from modeling_msclip.pretraining_msclip import DataArguments, build_datasets

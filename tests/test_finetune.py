@@ -7,6 +7,7 @@ loading from a pre-training checkpoint and the text-initialised head.
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -390,3 +391,62 @@ def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokeniz
     expected_logits = scale * image_embeds.norm(dim=-1, keepdim=True) * cosine
     assert_close_to_scale(logits, expected_logits, 1e-5, "logits of the text-initialised head")
     assert torch.equal(classifier.classifier.bias, torch.zeros(3))
+
+
+RECIPE_MARK = "<!-- test: finetune-recipe."
+
+
+def _finetune_recipe() -> tuple[str, list[str]]:
+    """The fenced python block after the ``<!-- test: finetune-recipe. ... -->`` comment of docs/finetuning.md and
+    the names whose values the comment says are replaced."""
+    text = (REPO_ROOT / "docs" / "finetuning.md").read_text()
+    assert text.count(RECIPE_MARK) == 1
+    comment = text[text.index(RECIPE_MARK) : text.index("-->", text.index(RECIPE_MARK))]
+    listed = " ".join(comment.split("values of", 1)[1].split(" replaced", 1)[0].split())
+    names = [name.strip() for name in listed.replace(" and ", ", ").split(",")]
+    after = text[text.index("-->", text.index(RECIPE_MARK)) + 3 :]
+    assert after.startswith("\n```python\n")
+    return after[len("\n```python\n") : after.index("\n```\n")], names
+
+
+def test_the_documented_plain_trainer_recipe_runs(saved_checkpoint, tmp_path):
+    code, names = _finetune_recipe()
+    assert names == ["checkpoint", "data_dir", "output_dir", "max_steps", "batch_size"]
+    # Tiny data in the recipe's layout: data_dir/<split>/<class>/*.png; the test split lacks one class.
+    write_color_folders(tmp_path / "data" / "train", per_class=6, seed=3, size=24)
+    write_color_folders(tmp_path / "data" / "test", per_class=3, seed=4, size=24)
+    for path in (tmp_path / "data" / "test" / "green").iterdir():
+        path.unlink()
+    (tmp_path / "data" / "test" / "green").rmdir()
+    values = {
+        "checkpoint": repr(str(saved_checkpoint)),
+        "data_dir": repr(str(tmp_path / "data")),
+        "output_dir": repr(str(tmp_path / "run")),
+        "max_steps": "8",
+        "batch_size": "6",
+    }
+    for name, value in values.items():
+        code, count = re.subn(rf"^{name} = .*$", f"{name} = {value}", code, flags=re.M)
+        assert count == 1, f"the recipe must assign {name} once"
+    namespace: dict = {"__name__": "finetune_recipe"}
+    exec(compile(code, "docs/finetuning.md:finetune-recipe", "exec"), namespace)
+
+    # Without evaluate (not installed here) the numpy fallback scored it; either way, the accuracy of the saved
+    # model recomputed by hand on the test images.
+    import importlib.util
+
+    assert (namespace["accuracy"] is None) == (importlib.util.find_spec("evaluate") is None)
+    assert namespace["class_names"] == ["dark blue", "green", "red"]  # sorted, with the class absent from test
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run").eval()
+    assert reloaded.config.id2label == {0: "dark blue", 1: "green", 2: "red"}
+    paths = sorted((tmp_path / "data" / "test").glob("*/*.png"))
+    pixels = MSClipImageProcessor.from_pretrained(tmp_path / "run")(
+        images=[Image.open(path).convert("RGB") for path in paths], return_tensors="pt"
+    )["pixel_values"]
+    labels = torch.tensor([reloaded.config.label2id[path.parent.name.replace("_", " ")] for path in paths])
+    with torch.no_grad():
+        predictions = reloaded(pixel_values=pixels).logits.argmax(-1)
+    assert namespace["metrics"]["eval_accuracy"] == pytest.approx((predictions == labels).double().mean().item())
+    assert namespace["trainer"].state.global_step == 8
+    for target in _auto_map_targets(tmp_path / "run"):
+        assert (tmp_path / "run" / f"{target.split('.')[0]}.py").is_file(), target
