@@ -219,9 +219,9 @@ class DataStats:
     def summary(self, all_ranks: bool = False, counts: dict[str, int] | None = None) -> str:
         """One line for the end-of-run log, e.g. ``data: seen 100, kept 97, skipped 3 (corrupt image 2, ...)``.
 
-        Before the first batch, when only a pre-scan has counted (``kept`` is 0 and every record seen was skipped),
-        the line reports the pre-scan instead: ``data: pre-scan kept 10 of 13, skipped 3 (...); none batched yet``
-        (``pre-scan skipped 3 (...)`` when the number it kept is unknown here, see `prescan_kept`).
+        Between a map-style pre-scan of this process (`prescan_kept` is set) and the first batch (``kept`` is 0 and
+        every record seen was skipped), the line reports the pre-scan instead:
+        ``data: pre-scan kept 10 of 13, skipped 3 (...); none batched yet``.
 
         ``counts`` formats counters already read with `as_dict` (saves a second collective with ``all_ranks``).
         """
@@ -231,9 +231,7 @@ class DataStats:
             f"(corrupt or unreadable image {counts['skipped_corrupt_image']}, "
             f"empty caption {counts['skipped_empty_caption']})"
         )
-        if counts["kept"] == 0 and counts["seen"] == skipped and (skipped or self.prescan_kept):
-            if self.prescan_kept is None:
-                return f"data: pre-scan skipped {skipped} {reasons}; none batched yet"
+        if self.prescan_kept is not None and counts["kept"] == 0 and counts["seen"] == skipped:
             total = self.prescan_kept + skipped
             return f"data: pre-scan kept {self.prescan_kept} of {total}, skipped {skipped} {reasons}; none batched yet"
         return f"data: seen {counts['seen']}, kept {counts['kept']}, skipped {skipped} {reasons}"

@@ -430,6 +430,10 @@ def test_pre_scan_and_collator_counts_add_up_and_the_summary_never_reads_kept_0(
     assert counts == {"seen": 13, "kept": 10, "skipped_corrupt_image": 2, "skipped_empty_caption": 1}
     assert counts["seen"] == counts["kept"] + counts["skipped_corrupt_image"] + counts["skipped_empty_caption"]
     assert stats.summary() == f"data: seen 13, kept 10, skipped 3 {reasons}"
+    # Without a pre-scan, a collator that met only bad records says just that.
+    collated_only = DataStats()
+    collated_only.add(seen=2, skipped_corrupt_image=2)
+    assert collated_only.summary() == "data: seen 2, kept 0, skipped 2 (corrupt or unreadable image 2, empty caption 0)"
 
 
 def test_extract_caption_and_decode_image_edge_cases(tmp_path):
