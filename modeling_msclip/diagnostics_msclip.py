@@ -11,17 +11,13 @@ Three measurements (docs/evaluation.md gives the exact definitions):
 * `attention_similarity`: per layer and head, attention entropy and mean attention distance of the image pass and
   the text pass, and how well these per-head profiles correlate between the modalities.
 
-All of these are pure tensor functions. The model-driven part is `collect_diagnostics` and the command line::
-
-    python -m modeling_msclip.diagnostics_msclip --model DIR --data DIR --output DIR
-
-which prints the numbers and writes `diagnostics.json` and `diagnostics.png` into the (new or empty) output folder.
+All of these are pure tensor functions. The model-driven part is `collect_diagnostics`; the command line is
+``python training/run_diagnostics.py --model DIR --data DIR --output DIR``, which prints the numbers and writes
+`diagnostics.json` and `diagnostics.png` (`plot_diagnostics`) into the (new or empty) output folder.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -35,7 +31,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 PoolingName = str  # "mean" | "first" | "last"
-_POOLINGS = ("mean", "first", "last")
+POOLINGS = ("mean", "first", "last")
 # A Pearson correlation of two points is always +-1: per-layer head correlations need at least 3 heads.
 MIN_HEADS_FOR_CORRELATION = 3
 
@@ -185,8 +181,8 @@ def pool_hidden_states(
         return hidden_states
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden states must be [B, L, D] or pooled [B, D], got shape {tuple(hidden_states.shape)}")
-    if pooling not in _POOLINGS:
-        raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     batch, length, _ = hidden_states.shape
     if attention_mask is None:
         mask = torch.ones(batch, length, dtype=hidden_states.dtype, device=hidden_states.device)
@@ -619,54 +615,3 @@ def plot_diagnostics(results: Mapping[str, Any], path: str | Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI: diagnostics of a saved MS-CLIP model on paired image-caption data."""
-    parser = argparse.ArgumentParser(description="Modality gap, per-layer modality NMI and attention similarity")
-    parser.add_argument("--model", required=True, help="directory written by save_pretrained (model + processor)")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="imagefolder with metadata.jsonl (file_name, text) or a saved dataset with image and text columns",
-    )
-    parser.add_argument("--output", required=True, help="output directory (must be new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
-    parser.add_argument("--max-samples", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--pooling", choices=_POOLINGS, default="mean", help="token pooling for the NMI")
-    parser.add_argument("--normalize-nmi", action="store_true", help="L2-normalise pooled features before k-means")
-    args = parser.parse_args(argv)
-
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        parser.error(f"output directory {output} is not empty; pass --overwrite to write into it")
-
-    from .evaluation_msclip import load_eval_dataset, load_model_and_processor, to_jsonable
-
-    model, processor = load_model_and_processor(args.model, args.device, attn_implementation="eager")
-    dataset = load_eval_dataset(args.data, args.max_samples)
-    results = collect_diagnostics(
-        model,
-        processor,
-        dataset,
-        image_column=args.image_column,
-        text_column=args.text_column,
-        batch_size=args.batch_size,
-        text_pooling=args.pooling,
-        image_pooling=args.pooling,
-        normalize_for_nmi=args.normalize_nmi,
-    )
-    print(format_diagnostics(results))
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "diagnostics.json").write_text(json.dumps(to_jsonable(results), indent=2) + "\n")
-    plot_path = plot_diagnostics(results, output / "diagnostics.png")
-    print(f"wrote {output / 'diagnostics.json'} and {plot_path}")
-    return results
-
-
-if __name__ == "__main__":
-    main()

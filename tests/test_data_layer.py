@@ -38,6 +38,7 @@ from modeling_msclip.data_msclip import (
 )
 from modeling_msclip.finetuning_msclip import load_classification_dataset
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
+from training import run_evaluation
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
 PER_CLASS = 4
@@ -117,7 +118,7 @@ def test_evaluation_reads_metadata_and_images_folder_with_a_label_column(saved_m
     argv = ["--model", str(saved_model), "--device", "cpu", "--batch-size", "5", "--label-column", "kind"]
     argv += ["--zero-shot-data", str(tmp_path / "data"), "--output", str(output)]
     argv += ["--linear-probe-train", str(tmp_path / "data"), "--linear-probe-test", str(tmp_path / "data")]
-    results = ev.main(argv)
+    results = run_evaluation.main(argv)
     assert json.loads(output.read_text())["zeroshot"]["top1"] == pytest.approx(results["zeroshot"]["top1"])
 
     class_names = sorted(COLOURS)  # string labels are encoded in sorted order
@@ -156,9 +157,11 @@ def test_classification_without_a_label_column_is_refused(saved_model, tmp_path)
     columns = r"\['image', 'text'\]"
     argv = ["--model", str(saved_model), "--device", "cpu"]
     with pytest.raises(ValueError, match=f"no label column.*{columns}.*label_column="):
-        ev.main([*argv, "--zero-shot-data", str(tmp_path / "data")])
+        run_evaluation.main([*argv, "--zero-shot-data", str(tmp_path / "data")])
     with pytest.raises(ValueError, match="no label column"):
-        ev.main([*argv, "--linear-probe-train", str(tmp_path / "data"), "--linear-probe-test", str(tmp_path / "data")])
+        run_evaluation.main(
+            [*argv, "--linear-probe-train", str(tmp_path / "data"), "--linear-probe-test", str(tmp_path / "data")]
+        )
     with pytest.raises(ValueError, match="no label column") as refused:
         load_classification_dataset(tmp_path / "data")
     assert "classfolder" not in str(refused.value)  # one sub-folder (images/) is no set of classes

@@ -32,6 +32,7 @@ from modeling_msclip.evaluation_msclip import (
     zero_shot_classifier,
     zero_shot_metrics,
 )
+from training import run_evaluation
 
 # ----------------------------------------------------------------------------------------------------------------------
 # zero-shot classifier and metrics
@@ -573,7 +574,7 @@ def test_cli_zero_shot_and_retrieval_on_saved_msclip(saved_tiny_msclip, tmp_path
         "--batch-size",
         "4",
     ]
-    results = ev.main(argv)
+    results = run_evaluation.main(argv)
     written = json.loads(output.read_text())
     assert written["zeroshot"]["num_samples"] == 6 and written["zeroshot"]["num_classes"] == 3
     assert written["retrieval"]["num_texts"] == 6 and written["retrieval"]["num_images"] == 3
@@ -583,7 +584,7 @@ def test_cli_zero_shot_and_retrieval_on_saved_msclip(saved_tiny_msclip, tmp_path
     direct = evaluate_zero_shot(model, processor, ev.load_eval_dataset(tmp_path / "zs"))
     assert direct["top1"] == pytest.approx(written["zeroshot"]["top1"])
     with pytest.raises(SystemExit):  # an existing result file is not replaced without --overwrite
-        ev.main(argv)
+        run_evaluation.main(argv)
 
 
 def test_linear_probe_unseen_test_classes_count_as_errors():

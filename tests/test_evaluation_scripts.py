@@ -21,6 +21,7 @@ from modeling_msclip import evaluation_msclip as ev
 from modeling_msclip.data_msclip import decode_image
 from modeling_msclip.shapes_dataset import COLOR_NAMES, ZERO_SHOT_TASKS, ShapesConfig, write_shapes_dataset
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
+from training import run_evaluation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_TEST = 24
@@ -86,7 +87,7 @@ def test_run_evaluation_script_on_shapes_writes_zero_shot_and_retrieval(saved_mo
     assert results["shapes_retrieval"]["num_texts"] == NUM_TEST  # one caption per image
     # An existing result file is kept unless --overwrite (checked before any model is loaded).
     with pytest.raises(SystemExit):
-        ev.main(command[2:])
+        run_evaluation.main(command[2:])
     assert json.loads(output.read_text()) == results
 
 
@@ -205,7 +206,7 @@ def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_visi
         ("--shapes-data", folder_data),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            ev.main(["--model", str(folder), option, str(source), "--split", "test", "--device", "cpu"])
+            run_evaluation.main(["--model", str(folder), option, str(source), "--split", "test", "--device", "cpu"])
         assert exit_info.value.code == 2
         message = capsys.readouterr().err
         assert "is a fine-tuned image classifier (MSClipForImageClassification)" in message, message
@@ -226,7 +227,7 @@ def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_visi
     # The linear probe runs on its vision features: the pooled class token that its head reads.
     argv = ["--model", str(folder), "--device", "cpu", "--batch-size", "5"]
     argv += ["--linear-probe-train", str(data / "train"), "--linear-probe-test", str(data / "test")]
-    probe = ev.main(argv)["linear_probe"]
+    probe = run_evaluation.main(argv)["linear_probe"]
     seen = []
     hook = classifier.classifier.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
 
