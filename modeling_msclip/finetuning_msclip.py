@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from transformers import (
     EvalPrediction,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -52,7 +51,6 @@ from .loss_msclip import logit_scale_exp
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
 from .pretraining_msclip import CheckpointArguments, apply_patch_dropout, build_processor
 from .processing_msclip import image_processor_only
-from .trainer_msclip import parse_arguments_for_this_machine
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +126,6 @@ class DataArguments:
         default=False,
         metadata={"help": "Do not pre-scan for unreadable images (the collator still skips and counts them)."},
     )
-
-
-def parse_finetuning_arguments(
-    argv: Sequence[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, TrainingArguments, OutputArguments]:
-    """Parse the command line (or a single ``.json`` file of arguments)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, OutputArguments))
-    return parse_arguments_for_this_machine(parser, argv)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -569,6 +559,5 @@ __all__ = [
     "finish_classifier_folder",
     "initialize_head_from_text",
     "load_classification_dataset",
-    "parse_finetuning_arguments",
     "run_finetuning",
 ]

@@ -1,6 +1,7 @@
 """Pre-training entry point: arguments, model/processor/data assembly and the run itself.
 
-`training/run_pretrain.py` only parses the command line and calls `run_pretraining`; everything testable lives here.
+`training/run_pretrain.py` parses the command line (into the argument dataclasses defined here) and calls
+`run_pretraining`; the library itself parses no command line.
 Runs the same under plain ``python``, ``torchrun`` and ``accelerate launch`` (DDP or DeepSpeed ZeRO).
 """
 
@@ -18,7 +19,6 @@ import torch
 from transformers import (
     AutoImageProcessor,
     AutoProcessor,
-    HfArgumentParser,
     TrainerCallback,
     TrainingArguments,
     set_seed,
@@ -44,7 +44,6 @@ from .trainer_msclip import (
     MSClipTrainer,
     MSClipTrainingArguments,
     check_world_size,
-    parse_arguments_for_this_machine,
 )
 
 logger = logging.getLogger(__name__)
@@ -188,14 +187,6 @@ class DataArguments:
             "skips them, but ranks may then see unequal batches)."
         },
     )
-
-
-def parse_pretraining_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, MSClipTrainingArguments]:
-    """Parse the command line (or a single ``.json`` file of arguments)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, MSClipTrainingArguments))
-    return parse_arguments_for_this_machine(parser, argv)
 
 
 def build_model_config(model_args: ModelArguments) -> MSClipConfig:
@@ -578,6 +569,5 @@ __all__ = [
     "build_model",
     "build_model_config",
     "build_processor",
-    "parse_pretraining_arguments",
     "run_pretraining",
 ]

@@ -32,10 +32,10 @@ from modeling_msclip.finetuning_msclip import (
     classification_metrics,
     initialize_head_from_text,
     load_classification_dataset,
-    parse_finetuning_arguments,
     run_finetuning,
 )
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
+from training.run_finetune_classification import parse_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Three classes that differ only in colour: trivially separable, so a few dozen steps must learn them.
@@ -271,7 +271,7 @@ def test_output_dir_is_not_overwritten_silently(saved_checkpoint, color_data, tm
 
 
 def test_script_parses_its_arguments_and_shows_help(monkeypatch, capsys):
-    model_args, data_args, training_args, output_args = parse_finetuning_arguments(
+    model_args, data_args, training_args, output_args = parse_arguments(
         ["--model_preset", "msclip-s-tiny", "--train_data", "x", "--output_dir", "o", "--init_head_from_text"]
     )
     assert model_args.model_preset == "msclip-s-tiny" and model_args.init_head_from_text

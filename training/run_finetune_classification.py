@@ -16,11 +16,31 @@ All options: ``python training/run_finetune_classification.py --help`` (model, d
 TrainingArguments options), or pass one JSON file holding them. See docs/finetuning.md.
 """
 
-from modeling_msclip.finetuning_msclip import parse_finetuning_arguments, run_finetuning
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `training` importable
+
+from transformers import (
+    HfArgumentParser,  # noqa: E402
+    TrainingArguments,  # noqa: E402
+)
+
+from modeling_msclip.checkpointing_msclip import OutputArguments  # noqa: E402
+from modeling_msclip.finetuning_msclip import DataArguments, ModelArguments, run_finetuning  # noqa: E402
+from training.arguments import parse_arguments_for_this_machine  # noqa: E402
+
+
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, TrainingArguments, OutputArguments]:
+    """Parse the command line (or a single ``.json`` file of arguments) for this machine."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, OutputArguments))
+    return parse_arguments_for_this_machine(parser, argv)
 
 
 def main() -> None:
-    run_finetuning(*parse_finetuning_arguments())
+    run_finetuning(*parse_arguments())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from modeling_msclip.pretraining_msclip import parse_pretraining_arguments, run_pretraining  # noqa: E402
+from modeling_msclip.pretraining_msclip import run_pretraining  # noqa: E402
+from training.run_pretrain import parse_arguments  # noqa: E402
 
 
 class StallInForward(TrainerCallback):
@@ -52,7 +53,7 @@ def main() -> None:
         callbacks.append(StallInForward(int(os.environ["STALL_AFTER_STEP"])))
     if os.environ.get("STEP_LOG"):
         callbacks.append(StepLog(os.environ["STEP_LOG"]))
-    run_pretraining(*parse_pretraining_arguments(), callbacks=callbacks)
+    run_pretraining(*parse_arguments(), callbacks=callbacks)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from modeling_msclip.pretraining_msclip import parse_pretraining_arguments, run_pretraining  # noqa: E402
+from modeling_msclip.pretraining_msclip import run_pretraining  # noqa: E402
 from modeling_msclip.trainer_msclip import is_shared_parameter  # noqa: E402
+from training.run_pretrain import parse_arguments  # noqa: E402
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def main() -> None:
         callbacks.append(SaveParameters(os.environ["PARAMS_OUTPUT"]))
     if os.environ.get("DOUBLE_SHARED_GRAD") == "1":
         callbacks.append(DoubleSharedGradient())
-    trainer = run_pretraining(*parse_pretraining_arguments(), callbacks=callbacks)
+    trainer = run_pretraining(*parse_arguments(), callbacks=callbacks)
     if os.environ.get("PROBE_OUTPUT"):
         model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         model.eval()
