@@ -264,10 +264,10 @@ def test_collect_diagnostics_on_a_tiny_model_and_plot(tmp_path):
 
 def test_cli_on_saved_msclip_writes_json_and_png(tmp_path, msclip_tokenizer_dir):
     from modeling_msclip import MSClipConfig, MSClipModel
-    from training.run_diagnostics import main
     from modeling_msclip.image_processing_msclip import MSClipImageProcessor
     from modeling_msclip.processing_msclip import MSClipProcessor
     from modeling_msclip.tokenization_msclip import MSClipTokenizer
+    from training.run_diagnostics import main
 
     torch.manual_seed(0)
     config = MSClipConfig.from_preset("msclip-s-tiny")
