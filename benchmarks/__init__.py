@@ -5,4 +5,5 @@
   sizes, MS-CLIP, MS-CLIP-S), captions of a documented length distribution;
 * `benchmarks.run`: the benchmark sections and the command line;
 * `benchmarks.scaling`: per-rank memory tables (ZeRO stages, contrastive logits) computed from the presets.
+* `benchmarks.ddp_find_unused`: 2-rank DDP step time with ``--ddp_find_unused_parameters`` true vs false.
 """
