@@ -19,6 +19,8 @@ Sections (contenders inside a section are timed interleaved, median of --repetit
   e. gradient checkpointing on vs off;
   i. patch dropout (FLIP) 0 / 0.5 / 0.75 of the image patches;
   g. gradient caching (k micro-batches) vs one full batch;
+  j. the streamed data loader (ImageTextStream over webdataset shards) with 0 / 2 / 4 DataLoader workers against
+     the msclip-s-demo training step, at the demo's image and batch size;
   f. torch.compile of the training step and of the loss (graph breaks, compile time, speed).
 
 The table at the end is Markdown, ready for docs/benchmarks.md.
@@ -32,12 +34,14 @@ import copy
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,9 +49,11 @@ import torch
 import torch.nn.functional as F
 
 from modeling_msclip import MSClipConfig, MSClipModel
+from modeling_msclip.data_msclip import ImageTextCollator
 from modeling_msclip.gradcache_msclip import gradcache_backward, split_batch
 from modeling_msclip.loss_msclip import ClipLoss
 from modeling_msclip.pretraining_msclip import apply_patch_dropout
+from modeling_msclip.streaming_msclip import STREAM_INFO_KEY
 
 from .harness import CLOCKS, count_flops, interleaved_timings, machine_description, peak_memory_bytes, synchronizer
 from .setups import (
@@ -126,6 +132,7 @@ class Context:
     clock: str = "wall"
     compile_extra: bool = False
     compile_cache: str = "cold"
+    batch_size_override: int | None = None  # --batch-size as given (section j uses the demo's batch without it)
 
     @property
     def size(self):
@@ -590,6 +597,185 @@ def section_gradcache(ctx: Context) -> Section:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Streamed data loader against the training step (section j)
+# --------------------------------------------------------------------------------------------------------------------
+
+LOADER_WORKERS = (0, 2, 4)
+LOADER_BATCHES_PER_WORKER = 4  # at the most workers: one warm-up round and three timed ones
+LOADER_SHARDS = 8  # at least one shard per worker, so that no worker reads another's shards
+MADE_AT_KEY = "bench_made_at"
+
+
+class StampingCollator(ImageTextCollator):
+    """The real collator, which also stamps each batch with the time it was made at in its worker (``time.time``:
+    one clock for all processes)."""
+
+    def collate_decoded(self, pixel_values: Sequence[torch.Tensor], captions: Sequence[str]) -> dict[str, object]:
+        batch = super().collate_decoded(pixel_values, captions)
+        batch[MADE_AT_KEY] = time.time()
+        return batch
+
+
+def _write_demo_shards(folder: Path, num_records: int, image_size: int, num_shards: int) -> list[str]:
+    """``num_records`` scenes of the demo's shapes data (PNG at ``image_size``, as the demo stores them) as webdataset
+    shards in ``folder``; returns their captions."""
+    import io
+
+    from modeling_msclip.data_msclip import WebDatasetShardWriter
+    from modeling_msclip.shapes_dataset import generate_examples
+    from training.demo import demo_shapes_config
+
+    captions = []
+    with WebDatasetShardWriter(folder, samples_per_shard=-(-num_records // num_shards)) as writer:
+        for image, metadata in generate_examples("train", num_records, demo_shapes_config(image_size)):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            writer.write(buffer.getvalue(), "png", metadata["text"])
+            captions.append(metadata["text"])
+    return captions
+
+
+def _time_loader_pass(stream: object, num_workers: int, epoch: int) -> tuple[float | None, float, float, dict | None]:
+    """One epoch of ``stream`` (built with a `StampingCollator`) read as `MSClipTrainer.get_train_dataloader` reads it.
+
+    Returns the steady pairs/s (``None`` when the pass had no steady window), the seconds to the first batch, the CPU
+    seconds of the pass over the main process and the workers, and the last batch.
+
+    Steady pairs/s: the batches made while every worker had made its first batch (start-up, shuffle-buffer fill) and
+    none had made its last, per second of that window, from the times the batches were made in the workers. Arrival
+    times would overstate it: a worker that started early has its next batches prefetched by the time the last
+    worker's first batch arrives, and they arrive in a burst.
+    """
+    stream.set_epoch(epoch)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_start, start = time.process_time(), time.perf_counter()
+    first_arrival, batch, made = None, None, {}
+    with warnings.catch_warnings():
+        # More workers than cores is what the W=4 row measures; the section's note says so once.
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        for batch in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers):
+            first_arrival = first_arrival or time.perf_counter()
+            made.setdefault(batch[STREAM_INFO_KEY]["position"][1], []).append(batch[MADE_AT_KEY])
+    # The workers have exited, and been waited for, once the epoch is exhausted: RUSAGE_CHILDREN holds their time.
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu_start + (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    window_start = max(times[0] for times in made.values())
+    window_end = min(times[-1] for times in made.values())
+    in_window = sum(window_start < when <= window_end for times in made.values() for when in times)
+    rate = in_window * stream.batch_size / (window_end - window_start) if in_window else None
+    return rate, first_arrival - start, cpu, batch
+
+
+def section_data_loader(ctx: Context) -> Section:
+    """Can the streamed loader feed the demo's training step? Pairs/s of `ImageTextStream` read through a
+    `DataLoader` with 0 / 2 / 4 workers (shards of the demo's PNG shapes data, decode + random resized crop +
+    tokenisation) against the train pairs/s of ``msclip-s-demo`` on batches already in memory."""
+    from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipImageProcessor, train_msclip_tokenizer
+    from modeling_msclip.data_msclip import TrainImageTransform
+    from modeling_msclip.pretraining_msclip import align_text_config_with_tokenizer
+    from modeling_msclip.streaming_msclip import ImageTextStream, webdataset_source
+    from training.demo import parse_arguments
+
+    demo = parse_arguments([])  # the demo's defaults: preset, image size, batch size, crop scale, vocabulary
+    batch = ctx.batch_size_override or (ctx.batch_size if ctx.size_name == "tiny" else demo.batch_size)
+    section = Section(
+        "j",
+        f"Streamed data loader vs training step ({demo.preset}, {demo.image_size} px, batch {batch}): pairs/s",
+    )
+    num_records = max(LOADER_WORKERS) * LOADER_BATCHES_PER_WORKER * batch
+    with tempfile.TemporaryDirectory(prefix="msclip_bench_shards_") as folder:
+        captions = _write_demo_shards(Path(folder), num_records, demo.image_size, LOADER_SHARDS)
+        tokenizer = train_msclip_tokenizer(captions, demo.vocab_size)
+        image_processor = MSClipImageProcessor.from_preset("msclip", image_size=demo.image_size)
+        collator = StampingCollator(
+            tokenizer, TrainImageTransform.from_image_processor(image_processor, scale=(demo.crop_scale_min, 1.0))
+        )
+        source = webdataset_source(folder)
+        streams = {
+            workers: ImageTextStream([source], collator, batch_size=batch, num_workers=workers, num_samples=num_records)
+            for workers in LOADER_WORKERS
+        }
+        measured: dict[int, list[tuple[float, float, float]]] = {workers: [] for workers in LOADER_WORKERS}
+        last_batch = None
+        for repetition in range(ctx.repetitions):  # interleaved and rotated, like the other sections' contenders
+            shift = repetition % len(LOADER_WORKERS)
+            for workers in LOADER_WORKERS[shift:] + LOADER_WORKERS[:shift]:
+                rate, first_batch, cpu, last_batch = _time_loader_pass(streams[workers], workers, repetition)
+                measured[workers].append((rate, first_batch, cpu))
+    loader_rows = {}
+    for workers in LOADER_WORKERS:
+        rates = [rate for rate, _, _ in measured[workers] if rate is not None]
+        if not rates:
+            raise RuntimeError(f"no pass with {workers} workers had a steady window: give each worker more batches")
+        median = statistics.median(rates)
+        name = f"loader, {workers} workers" + (" (in the main process)" if workers == 0 else "")
+        row = Row(name, median, "pairs/s", (max(rates) - min(rates)) / median)
+        row.extra["num_workers"] = workers
+        if len(rates) < len(measured[workers]):
+            row.extra["passes_without_steady_window"] = len(measured[workers]) - len(rates)
+        row.extra["ms_per_batch"] = round(1000 * batch / median, 1)
+        row.extra["first_batch_s"] = round(statistics.median(first for _, first, _ in measured[workers]), 2)
+        row.extra["cpu_ms_per_batch"] = round(
+            1000 * statistics.median(cpu for _, _, cpu in measured[workers]) / (num_records // batch), 1
+        )
+        section.rows.append(row)
+        loader_rows[workers] = row
+
+    torch.manual_seed(0)
+    config = MSClipConfig.from_preset(demo.preset)
+    align_text_config_with_tokenizer(config, tokenizer, resize=True)
+    model = MSClipForPreTraining._from_config(config, attn_implementation="sdpa")
+    inputs = {
+        key: value for key, value in last_batch.items() if key not in (STREAM_INFO_KEY, MADE_AT_KEY, "return_loss")
+    }
+    name = f"{demo.preset} train step (forward + backward + AdamW), batches in memory"
+    model_row = race_training_steps(section, {name: make_training_step(model, inputs, ctx)}, batch, ctx)[name]
+    for workers, row in loader_rows.items():
+        comment = ">1: the loader keeps up"
+        if workers == 0:
+            comment += "; not overlapped with the step, a run gets 1 / (1/loader + 1/model)"
+        section.ratio(f"loader / model train step, {workers} workers", row.value, model_row.value, comment)
+
+    shares = ", ".join(
+        f"W={workers} {row.extra['cpu_ms_per_batch'] / model_row.extra['ms_per_step']:.2f}"
+        for workers, row in loader_rows.items()
+    )
+    section.notes.append(
+        f"CPU the loader needs per second of training step (cpu_ms_per_batch / ms_per_step): {shares}; "
+        "on a machine whose cores all train, that is the share of them the workers take away"
+    )
+    cores = os.cpu_count() or 1
+    oversubscribed = [workers for workers in LOADER_WORKERS if workers > cores]
+    section.notes.append(
+        f"{num_records} records in {LOADER_SHARDS} webdataset shards of the demo's shapes data ({demo.image_size} px "
+        f"PNG, {len(tokenizer)}-token BPE trained on their captions); each pass is one epoch of "
+        "ImageTextStream([source], ImageTextCollator(tokenizer, TrainImageTransform(crop scale "
+        f"{demo.crop_scale_min}..1)), batch_size={batch}, num_workers=W) read through DataLoader(stream, "
+        "batch_size=None, num_workers=W), as MSClipTrainer.get_train_dataloader reads it; "
+        f"median of {ctx.repetitions} pass{'es' if ctx.repetitions > 1 else ''} per W, interleaved"
+    )
+    section.notes.append(
+        "loader pairs/s: wall clock, the batches made (stamped in the worker) after every worker's first batch "
+        "(the warm-up: worker start, shuffle-buffer fill, first decode; skipped) and before any worker's last one, per "
+        "second of that window; at W=0 from the first batch to the last. first_batch_s: seconds to the first batch; "
+        "cpu_ms_per_batch: CPU time of the main process and the workers over the whole pass, per batch. "
+        f"The loader runs alone: in training its workers share the cores with the model step. Model row: "
+        f"{'process CPU time' if ctx.clock == 'cpu' else 'wall clock'}, {torch.get_num_threads()} torch thread(s), "
+        f"{parameter_count(model) / 1e6:.2f} M parameters, the unfused AdamW of the other sections"
+    )
+    section.notes.append(
+        f"this machine has {cores} CPU cores"
+        + (
+            f": W = {', '.join(map(str, oversubscribed))} oversubscribes them (more worker processes than cores; "
+            "DataLoader warns, the warning is silenced here)"
+            if oversubscribed
+            else ""
+        )
+    )
+    return section
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Equal work in isolated pairs (section h)
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -777,9 +963,10 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "e": section_checkpointing,
     "i": section_patch_dropout,
     "g": section_gradcache,
+    "j": section_data_loader,
     "f": section_compile,
 }
-DEFAULT_SECTIONS = "ahbcdeigf"
+DEFAULT_SECTIONS = "ahbcdeigjf"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -856,6 +1043,7 @@ def main(argv: list[str] | None = None) -> list[Section]:
         profile=args.profile,
         compile_extra=args.compile_extra,
         compile_cache=args.compile_cache,
+        batch_size_override=args.batch_size,
         # One compute thread on CPU: time the work (process CPU time), not the neighbours (see harness).
         clock="cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall",
     )

@@ -1,5 +1,6 @@
 """The benchmark harness (`python -m benchmarks.run`) at its ``tiny`` size: every default section except
-torch.compile runs, the JSON holds the ratio table, and the fairness checks the docs rely on hold.
+torch.compile runs (the data loader section j included), the JSON holds the ratio table, and the fairness checks the
+docs rely on hold.
 
 Timings at this size mean nothing, so nothing here asserts a speed; FLOP counts and the loss check are exact.
 """
@@ -29,7 +30,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     output = tmp_path_factory.mktemp("bench") / "results.json"
-    completed = run_bench("--quick", "--sections", "ahbcdeig", "--output", str(output))
+    completed = run_bench("--quick", "--sections", "ahbcdeigj", "--output", str(output))
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "| ratio | value |" in completed.stdout
     return json.loads(output.read_text())
@@ -40,7 +41,7 @@ def rows(section: dict) -> dict[str, dict]:
 
 
 def test_every_requested_section_reports_rows_and_ratios(results: dict) -> None:
-    assert list(results["sections"]) == list("ahbcdeig")
+    assert list(results["sections"]) == list("ahbcdeigj")
     for key, section in results["sections"].items():
         assert section["rows"], key
         assert all(row["value"] > 0 for row in section["rows"]), key
@@ -66,6 +67,21 @@ def test_training_contenders_compute_the_same_function_and_flops(results: dict) 
     )
     assert flops["ours clip, dynamic padding (default)"] == flops["HF CLIPModel, pad longest"]
     assert flops["ours clip, dynamic padding (default)"] < 0.75 * flops["HF CLIPModel, pad 77 (processor default)"]
+
+
+def test_data_loader_section_has_a_row_and_a_ratio_per_worker_count(results: dict) -> None:
+    section = results["sections"]["j"]
+    loaders = [row for row in section["rows"] if row["name"].startswith("loader, ")]
+    assert [row["extra"]["num_workers"] for row in loaders] == [0, 2, 4]
+    assert all(row["unit"] == "pairs/s" and row["extra"]["cpu_ms_per_batch"] > 0 for row in loaders)
+    (model,) = [row for row in section["rows"] if row not in loaders]
+    assert model["name"].startswith("msclip-s-demo train step") and model["unit"] == "pairs/s"
+    ratios = {ratio["label"]: ratio["value"] for ratio in section["ratios"]}
+    for row in loaders:
+        workers = row["extra"]["num_workers"]
+        assert ratios[f"loader / model train step, {workers} workers"] == pytest.approx(row["value"] / model["value"])
+    assert "batch 4" in section["title"]  # --size tiny keeps its batch; the default size uses the demo's 64
+    assert any("CPU cores" in note for note in section["notes"])
 
 
 def test_output_is_never_overwritten_without_the_flag(tmp_path: Path) -> None:
