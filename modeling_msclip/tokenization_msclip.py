@@ -496,20 +496,8 @@ class MSClipTokenizer(TokenizersBackend):
         batch whose longest caption has 75 ids is padded to 77 with ``m=8``.
         """
         multiple = kwargs.pop("pad_to_multiple_of", None)
-        if multiple is None or padding in (False, "do_not_pad", PaddingStrategy.DO_NOT_PAD):
-            return super().__call__(
-                text,
-                text_pair,
-                text_target,
-                text_pair_target,
-                add_special_tokens=add_special_tokens,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length,
-                pad_to_multiple_of=multiple,
-                **kwargs,
-            )
-        if multiple < 1:
+        rounds = multiple is not None and padding not in (False, "do_not_pad", PaddingStrategy.DO_NOT_PAD)
+        if rounds and multiple < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple}")
         return_tensors = kwargs.pop("return_tensors", None)
         encoded = super().__call__(
@@ -521,8 +509,11 @@ class MSClipTokenizer(TokenizersBackend):
             padding=padding,
             truncation=truncation,
             max_length=max_length,
+            return_tensors=None if rounds else return_tensors,
             **kwargs,
         )
+        if not rounds:
+            return encoded
         rows = encoded["input_ids"] if encoded["input_ids"] and isinstance(encoded["input_ids"][0], list) else None
         width = max(len(row) for row in rows) if rows is not None else len(encoded["input_ids"])
         limit = max_length if max_length is not None else self.model_max_length
