@@ -261,3 +261,28 @@ def test_clip_folder_errors_name_the_problem(tmp_path):
         build_msclip_tokenizer(tmp_path / "missing.txt.gz")
     with pytest.raises(FileNotFoundError, match="holds neither a saved MSClipTokenizer"):
         build_msclip_tokenizer(tmp_path)
+
+
+def test_pad_to_multiple_of_rounds_up_but_never_past_the_context(msclip_tokenizer_dir):
+    """docs/processor.md's ``pad_to_multiple_of=8`` used to fail: "truncation length (77) is not a multiple of 8"."""
+    tokenizer = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
+    short = ["a red cat", "a photo of a blue dog on the left"]
+    widths = [len(row) for row in tokenizer(short, padding=False)["input_ids"]]
+    encoded = tokenizer(short, pad_to_multiple_of=8, return_tensors="pt")
+    assert encoded["input_ids"].shape[1] == -(-max(widths) // 8) * 8 > max(widths)
+    assert encoded["attention_mask"].sum(1).tolist() == widths  # padding is masked, the ids are unchanged
+    plain = tokenizer(short, return_tensors="pt")["input_ids"]
+    assert torch.equal(encoded["input_ids"][:, : plain.shape[1]], plain)
+    long = tokenizer(["a red cat " * 40], pad_to_multiple_of=8, return_tensors="pt")["input_ids"]
+    assert long.shape == (1, 77)  # 80 would index past the 77 positions of the text tower
+    assert tokenizer(short, padding="max_length", pad_to_multiple_of=8, return_tensors="pt")["input_ids"].shape[1] == 77
+    assert (
+        tokenizer("a red cat", pad_to_multiple_of=4)["input_ids"]
+        == tokenizer("a red cat", padding="max_length", max_length=8)["input_ids"][:8]
+    )
+    processor = MSClipProcessor(
+        image_processor=MSClipImageProcessor.from_preset("msclip", image_size=32), tokenizer=tokenizer
+    )
+    assert processor(text=short, pad_to_multiple_of=8, return_tensors="pt")["input_ids"].shape[1] == 16
+    with pytest.raises(ValueError, match="positive"):
+        tokenizer(short, pad_to_multiple_of=0)
