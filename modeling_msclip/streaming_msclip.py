@@ -242,9 +242,17 @@ def dataset_source(
 
 
 def count_records(source: StreamSource) -> int:
-    """Records of a source: its declared count, else one read over every shard (no image is decoded)."""
+    """Records of a source: its declared count, else one read over every local shard (no image is decoded).
+
+    Raises:
+        ValueError: for shards at URLs without a declared count (counting would download them all).
+    """
     if source.num_samples is not None:
         return source.num_samples
+    if any("://" in str(shard) for shard in source.shards):
+        raise ValueError(
+            f"{source.name} is remote and declares no record count: give the epoch length (--train_num_samples)"
+        )
     logger.warning("Counting the records of %s by reading it once (pass num_samples to avoid this)", source.name)
     return sum(1 for shard in source.shards for _ in source.reader(shard))
 

@@ -314,5 +314,7 @@ def test_shards_at_an_fsspec_url(tmp_path, collator):
         stream = ImageTextStream([source], collator, batch_size=4, rank=rank, world_size=2, num_samples=16)
         keys += keys_of(read_epoch(stream, 0, 0))
     assert sorted(keys) == sorted(f"{shard:05d}{index}" for shard in range(2) for index in range(8))
+    with pytest.raises(ValueError, match="remote and declares no record count"):
+        ImageTextStream([source], collator, batch_size=4)  # counting would download every shard
     with pytest.raises(FileNotFoundError, match="No shard matches"):
         webdataset_source(f"file://{tmp_path}/nothing/*.tar", count=False)
