@@ -39,7 +39,13 @@ from .data_msclip import (
     read_nonempty_lines,
 )
 from .modeling_msclip import MSClipForPreTraining
-from .streaming_msclip import ImageTextStream, StreamMonitor, build_stream_sources, load_stream_state
+from .streaming_msclip import (
+    SOURCE_SEPARATOR,
+    ImageTextStream,
+    StreamMonitor,
+    build_stream_sources,
+    load_stream_state,
+)
 from .trainer_msclip import (
     MSClipTrainer,
     MSClipTrainingArguments,
@@ -440,6 +446,8 @@ def build_datasets(
         return dataset
 
     train = None
+    if not data_args.streaming and (SOURCE_SEPARATOR in data_args.train_data or data_args.train_data_weights):
+        raise ValueError("mixing several --train_data sources ('a::b', --train_data_weights) needs --streaming")
     if not data_args.streaming:
         train = load(data_args.train_data, data_args.train_split, data_args.train_format)
         if data_args.max_train_samples is not None:

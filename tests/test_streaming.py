@@ -318,3 +318,10 @@ def test_shards_at_an_fsspec_url(tmp_path, collator):
         ImageTextStream([source], collator, batch_size=4)  # counting would download every shard
     with pytest.raises(FileNotFoundError, match="No shard matches"):
         webdataset_source(f"file://{tmp_path}/nothing/*.tar", count=False)
+
+
+def test_mixing_without_streaming_is_refused_with_a_message():
+    from modeling_msclip.pretraining_msclip import DataArguments, build_datasets
+
+    with pytest.raises(ValueError, match="needs --streaming"):
+        build_datasets(DataArguments(train_data="a::b"), DataStats())
