@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,21 +24,15 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE, free_port  # noqa: E402  (the test suite's tokenizer)
+
 SETTINGS = ("false", "true")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare(root: Path, preset: str, image_size: int) -> None:
     """A shapes dataset and a saved initial model with its processor (the test suite's tokenizer)."""
     import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE
 
     from modeling_msclip import (
         MSClipConfig,

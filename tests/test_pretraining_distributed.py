@@ -59,6 +59,8 @@ HOOKS_SCRIPT = REPO / "tests" / "scripts" / "pretrain_with_hooks.py"
 NUM_SAMPLES = 48
 GLOBAL_BATCH = 16
 ADAM_EPSILON = "1e-6"  # see the module docstring
+# The arguments every run compared with the one-process reference shares: one epoch, no saving, no augmentation.
+COMPARED_RUN = ("--num_train_epochs", "1", "--save_strategy", "no", "--no_augmentation", "--adam_epsilon", ADAM_EPSILON)
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +184,7 @@ def single_process(workspace):
         "single",
         [sys.executable],
         GLOBAL_BATCH,
-        "--num_train_epochs",
-        "1",
-        "--save_strategy",
-        "no",
-        "--no_augmentation",
-        "--adam_epsilon",
-        ADAM_EPSILON,
+        *COMPARED_RUN,
         env={"PARAMS_OUTPUT": str(workspace / "single" / "params")},
     )
     assert sorted(parameters_at(output)) == [0, 1, 2, 3]
@@ -210,13 +206,7 @@ def test_two_process_runs_shard_the_data_and_match_one_process(workspace, single
         name,
         accelerate(config),
         GLOBAL_BATCH // 2,
-        "--num_train_epochs",
-        "1",
-        "--save_strategy",
-        "no",
-        "--no_augmentation",
-        "--adam_epsilon",
-        ADAM_EPSILON,
+        *COMPARED_RUN,
         *extra,
         env={"PROBE_OUTPUT": str(probe), "PARAMS_OUTPUT": str(workspace / name / "params")},
     )
@@ -251,13 +241,7 @@ def test_a_doubled_gradient_fails_the_comparison(workspace, single_process):
         "ddp_doubled_shared_gradient",
         accelerate("multi_process.yaml"),
         GLOBAL_BATCH // 2,
-        "--num_train_epochs",
-        "1",
-        "--save_strategy",
-        "no",
-        "--no_augmentation",
-        "--adam_epsilon",
-        ADAM_EPSILON,
+        *COMPARED_RUN,
         env={"DOUBLE_SHARED_GRAD": "1", "PARAMS_OUTPUT": str(workspace / "ddp_doubled_shared_gradient" / "params")},
     )
     found = mismatches(output, single_process)
