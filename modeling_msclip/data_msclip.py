@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image_processing_msclip import convert_image_to_rgb as _convert_image_to_rgb
+# One RGB conversion for training, evaluation and the processor (every PIL mode; see docs/data.md, "Image modes").
+from .image_processing_msclip import convert_image_to_rgb
 
 try:  # POSIX only; elsewhere `DataStats` is thread-safe but not process-safe.
     import fcntl
@@ -243,17 +244,6 @@ class DataStats:
 # --------------------------------------------------------------------------------------------------------------------
 # Decoding records
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def convert_image_to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image of any PIL mode to 8-bit RGB, exactly as `MSClipImageProcessor` does.
-
-    Transparency is composited onto white (as transformers' image processors do); 16-bit (``I;16``, ``I;16B``, ...),
-    32-bit integer (``I``) and float (``F``) greyscale is scaled to 8 bits instead of clipped. The rules are those
-    of `image_processing_msclip.convert_image_to_rgb`, the one implementation training, evaluation and the
-    processor share (see docs/data.md, "Image modes").
-    """
-    return _convert_image_to_rgb(image)
 
 
 def _open_image_bytes(data: bytes) -> Image.Image:

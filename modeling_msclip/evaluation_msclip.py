@@ -1265,8 +1265,8 @@ def load_eval_dataset(
         raise ValueError(f"purpose must be one of {EVAL_PURPOSES}, got {purpose!r}")
     if purpose == "auto":
         if isinstance(path, (str, os.PathLike)):
-            kind = detect_format(path, split=split) if format == "auto" else format
-            purpose = "classification" if kind == "classfolder" else "retrieval"
+            format = detect_format(path, split=split) if format == "auto" else format  # detected once
+            purpose = "classification" if format == "classfolder" else "retrieval"
         else:
             features = getattr(path, "features", None) or {}
             labelled = type(features.get(label_column or "label")).__name__ == "ClassLabel"
