@@ -904,41 +904,19 @@ def images_decodable(images: list[Any]) -> list[bool]:
     return valid
 
 
-class _StreamingRecordFilter:
-    """Picklable predicate for `IterableDataset.filter` that counts what it drops in a `DataStats`."""
-
-    def __init__(self, image_column: str, text_column: str, stats: DataStats) -> None:
-        self.image_column = image_column
-        self.text_column = text_column
-        self.stats = stats
-
-    def __call__(self, record: dict[str, Any]) -> bool:
-        if extract_caption(record, self.text_column) is None:
-            self.stats.add(seen=1, skipped_empty_caption=1)
-            self.stats.log_skip("empty caption", _describe_image(record.get(self.image_column)))
-            return False
-        try:
-            decode_image(record.get(self.image_column))
-        except Exception as error:  # drop and count
-            self.stats.add(seen=1, skipped_corrupt_image=1)
-            self.stats.log_skip("corrupt image", f"{_describe_image(record.get(self.image_column))}: {error!r}")
-            return False
-        return True
-
-
 def drop_bad_records(
-    dataset: datasets.Dataset | datasets.IterableDataset,
+    dataset: datasets.Dataset,
     *,
     image_column: str = "image",
     text_column: str = "text",
     stats: DataStats | None = None,
     num_proc: int | None = None,
-) -> datasets.Dataset | datasets.IterableDataset:
+) -> datasets.Dataset:
     """Remove records with an empty caption or an undecodable image before training, so batches stay full.
 
-    A map-style dataset is filtered now (with ``num_proc`` processes). An iterable dataset is filtered lazily,
-    counting into `stats` from whichever process iterates it. The collator's own check stays in place as a safety
-    net; the images of kept records are decoded twice.
+    The dataset is filtered now, with ``num_proc`` processes. The collator's own check (and replacement of bad
+    records) stays in place as a safety net; the images of kept records are decoded twice. Streams are not
+    pre-scanned: `streaming_msclip.ImageTextStream` filters each record before it joins a batch.
 
     Counting (see `DataStats`): the pre-scan adds only the records it drops to `stats`, as seen and skipped. The
     records it keeps are counted as seen and kept by the collator (or stream) when they are batched, as every
@@ -949,7 +927,9 @@ def drop_bad_records(
     """
     stats = stats if stats is not None else DataStats()
     if isinstance(dataset, datasets.IterableDataset):
-        return dataset.filter(_StreamingRecordFilter(image_column, text_column, stats))
+        raise TypeError(
+            "drop_bad_records scans a map-style dataset; a stream filters its records itself (ImageTextStream)"
+        )
     total = len(dataset)
     with_caption = dataset.filter(
         _captions_present, batched=True, fn_kwargs={"text_column": text_column}, num_proc=num_proc

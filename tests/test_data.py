@@ -396,14 +396,11 @@ def test_drop_bad_records_counts_up_front(tmp_path, cache_dir):
     clean = drop_bad_records(dataset, stats=stats)
     assert [record["text"] for record in clean] == [CAPTIONS[i] for i in GOOD]
     assert stats.as_dict() == {"seen": 4, "kept": 0, "skipped_corrupt_image": 2, "skipped_empty_caption": 2}
-    streaming_stats = DataStats()
-    streamed = drop_bad_records(dataset.to_iterable_dataset(), stats=streaming_stats)
-    assert [record["text"] for record in streamed] == [CAPTIONS[i] for i in GOOD]
-    assert streaming_stats.as_dict() == stats.as_dict()
+    with pytest.raises(TypeError, match="a stream filters its records itself"):
+        drop_bad_records(dataset.to_iterable_dataset())
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_pre_scan_and_collator_counts_add_up_and_the_summary_never_reads_kept_0(tokenizer, streaming):
+def test_pre_scan_and_collator_counts_add_up_and_the_summary_never_reads_kept_0(tokenizer):
     # 13 records: 10 good, 2 corrupt images (3 and 7), 1 empty caption (11).
     images = [b"not an image" if index in (3, 7) else _encoded(_image(index)) for index in range(13)]
     captions = ["" if index == 11 else f"a red box {index}" for index in range(13)]
@@ -413,16 +410,12 @@ def test_pre_scan_and_collator_counts_add_up_and_the_summary_never_reads_kept_0(
     )
     stats = DataStats()
     reasons = "(corrupt or unreadable image 2, empty caption 1)"
-    if streaming:
-        clean = drop_bad_records(dataset.to_iterable_dataset(), stats=stats)
-        assert stats.summary() == "data: seen 0, kept 0, skipped 0 (corrupt or unreadable image 0, empty caption 0)"
-    else:
-        clean = drop_bad_records(dataset, stats=stats)
-        assert len(clean) == 10
-        # The pre-scan counts what it drops; the 10 it keeps are counted when they are batched.
-        assert stats.as_dict() == {"seen": 3, "kept": 0, "skipped_corrupt_image": 2, "skipped_empty_caption": 1}
-        assert stats.prescan_kept == 10
-        assert stats.summary() == f"data: pre-scan kept 10 of 13, skipped 3 {reasons}; none batched yet"
+    clean = drop_bad_records(dataset, stats=stats)
+    assert len(clean) == 10
+    # The pre-scan counts what it drops; the 10 it keeps are counted when they are batched.
+    assert stats.as_dict() == {"seen": 3, "kept": 0, "skipped_corrupt_image": 2, "skipped_empty_caption": 1}
+    assert stats.prescan_kept == 10
+    assert stats.summary() == f"data: pre-scan kept 10 of 13, skipped 3 {reasons}; none batched yet"
     collator = ImageTextCollator(tokenizer, EVAL_TRANSFORM, caption_choice="first", stats=stats)
     batches = list(torch.utils.data.DataLoader(clean, batch_size=4, collate_fn=collator))
     assert sum(len(batch["input_ids"]) for batch in batches) == 10
