@@ -153,6 +153,7 @@ class MSClipTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MSClipTrainingArguments):
             raise TypeError("MSClipTrainer needs MSClipTrainingArguments")
+        bound_process_group_timeouts(timedelta(seconds=self.args.ddp_timeout))
         if isinstance(self.train_dataset, ImageTextStream) and stream_monitor is None:
             stream_monitor = StreamMonitor(self.train_dataset, DataStats())
         self.stream_monitor = stream_monitor
@@ -373,6 +374,27 @@ class _MSClipStepCallback(TrainerCallback):
         msclip = getattr(model, "msclip", model)
         if hasattr(msclip, "logit_scale"):
             clamp_logit_scale_(msclip.logit_scale, msclip.config.logit_scale_max)
+
+
+def bound_process_group_timeouts(timeout: timedelta) -> None:
+    """Give every process group of this run, those that exist and those created later, the timeout ``timeout``.
+
+    `torch.distributed.new_group` without a timeout falls back to torch's defaults (30 minutes for gloo, 10 for
+    NCCL), not to the default group's: DeepSpeed creates its data-parallel group that way (a clone of the world
+    group, in `deepspeed.utils.groups`), so with ``--ddp_timeout 20`` a ZeRO gradient reduction still waited 30
+    minutes for a hung peer. Setting torch's defaults covers the groups DeepSpeed and others create when the model
+    is prepared; the existing groups are set one by one. A no-op when `torch.distributed` is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if distributed_c10d.default_pg_nccl_timeout is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    for group in list(distributed_c10d._world.pg_map):
+        if not distributed_c10d._rank_not_in_group(group):
+            distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def configure_cpu_distributed_state(uses_deepspeed: bool, timeout_seconds: int = 1800) -> dict[str, Any]:

@@ -223,18 +223,25 @@ def process_ids(step_log: Path) -> dict[int, int]:
 
 
 @pytest.mark.slow
-# The ZeRO-2 case ("deepspeed_zero2.yaml") passed twice and then, on a machine running three jobs, did not end within
-# 170 s of the SIGSTOP; until that is understood (a DeepSpeed group with its own 10-minute timeout?) it is not run.
-@pytest.mark.parametrize("config", ["multi_process.yaml"], ids=["ddp"])
-def test_a_hung_peer_ends_every_rank_within_the_timeout(workspace, tmp_path, config):  # noqa: F811
-    """SIGSTOP one of two ranks (DDP or DeepSpeed ZeRO-2) mid-run: with --ddp_timeout 20 the launch must fail within
-    the timeout plus the launcher's grace period. Without the timeout reaching the gloo process group (transformers'
-    CPU path passes none) the other rank waits for 30 minutes and this test times out."""
+@pytest.mark.parametrize(
+    ("config", "waiting_in"),
+    [("multi_process.yaml", "in _engine_run_backward"), ("deepspeed_zero2.yaml", "in overlapping_partition_gradients")],
+    ids=["ddp", "zero2"],
+)
+def test_a_hung_peer_ends_every_rank_within_the_timeout(workspace, tmp_path, config, waiting_in):  # noqa: F811
+    """Rank 1 stops (SIGSTOP) inside the backward pass of step 3, once all its gradients are computed: rank 0 then
+    waits in the gradient reduction, on the default group in DDP's reducer (inside autograd) and on DeepSpeed's own
+    data-parallel group in ZeRO-2's reduction epilogue (rank 0's traceback ends in ``waiting_in``, past the
+    collectives of the model and the loss). With --ddp_timeout 20 the launch must fail within the timeout
+    plus the launcher's grace period. How it fails when the feature is off: without the timeout reaching the gloo
+    default group (transformers' CPU path passes none) the DDP case waits 30 minutes; without
+    `bound_process_group_timeouts` the ZeRO-2 case does (DeepSpeed's group gets torch's default timeout), and the
+    test stops at ``timeout + 150`` s and fails."""
     step_log, timeout = tmp_path / "steps.log", 20
     arguments = command(workspace, tmp_path / "out", accelerate_launch(2, config), "--ddp_timeout", str(timeout))
     arguments[arguments.index("--max_steps") + 1] = "500"
     arguments[arguments.index("--save_strategy") + 1] = "no"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_LOG": str(step_log)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_LOG": str(step_log), "STOP_IN_BACKWARD": "1:2"}
     log = tmp_path / "run.log"  # a file, not a pipe: DeepSpeed writes more than an unread pipe holds
     with log.open("w") as handle:
         process = subprocess.Popen(
@@ -246,9 +253,8 @@ def test_a_hung_peer_ends_every_rank_within_the_timeout(workspace, tmp_path, con
                    and len(process_ids(step_log)) == 2):  # fmt: skip
             assert process.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "the run never reached step 2"
-            time.sleep(0.5)
-        os.kill(process_ids(step_log)[1], signal.SIGSTOP)
-        stopped = time.monotonic()
+            time.sleep(0.2)
+        stopped = time.monotonic()  # rank 1 stops itself a moment later, in step 3's backward pass
         process.wait(timeout=timeout + 150)
         waited = time.monotonic() - stopped
     finally:
@@ -263,4 +269,7 @@ def test_a_hung_peer_ends_every_rank_within_the_timeout(workspace, tmp_path, con
     output = log.read_text()
     assert process.returncode != 0, output[-3000:]
     assert waited < timeout + 150, waited
-    assert "timed out" in output.lower() or "timeout" in output.lower(), output[-3000:]
+    assert steps_trained(step_log) == {0: [1, 2], 1: [1, 2]}, steps_trained(step_log)
+    rank0_error = output[output.index("[rank0]: Traceback") :]
+    assert waiting_in in rank0_error and "Timed out" in rank0_error, rank0_error[-3000:]
+    assert "loss_msclip.py" not in rank0_error and "modeling_msclip.py" not in rank0_error, rank0_error[-3000:]
