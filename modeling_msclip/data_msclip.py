@@ -861,9 +861,9 @@ def iter_captions(
     text_column: str | None = None,
     limit: int | None = None,
 ) -> Iterator[str]:
-    """Every non-empty caption of an image-text dataset, read lazily without decoding images.
+    """Every non-empty caption of a dataset, read lazily without decoding images.
 
-    Reads any source `load_image_text_dataset` reads (streamed, so a large dataset is not loaded whole); a record
+    Reads any source `load_dataset` reads, image-text datasets and caption-only tables alike (streamed, so a large dataset is not loaded whole); a record
     with several captions yields each of them. Used to train a tokenizer on one's own captions.
 
     Args:
@@ -876,7 +876,7 @@ def iter_captions(
     Yields:
         Stripped captions.
     """
-    dataset = load_image_text_dataset(source, format=format, split=split, text_column=text_column, streaming=True)
+    dataset = load_dataset(source, format=format, task="captions", split=split, text_column=text_column, streaming=True)
     for number, record in enumerate(dataset):
         if limit is not None and number >= limit:
             return
@@ -1162,7 +1162,7 @@ def pick_split(loaded: Any, split: str | None, source: Any) -> datasets.Dataset 
     return loaded
 
 
-TASKS = ("image-text", "classification")
+TASKS = ("image-text", "classification", "captions")
 LABEL_COLUMN_CANDIDATES = ("label",)
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 # A path that does not exist and ends in one of these is a local path with a typo, never a Hub dataset id.
@@ -1574,6 +1574,9 @@ def _task_columns(
         return prepare_image_text_columns(
             dataset, image_column=image_column, text_column=text_column, image_base_dir=image_base_dir
         )
+    if task == "captions":  # a caption table needs no image column (tokenizer training)
+        columns = _column_names(dataset)
+        return _rename(dataset, _find_column(columns, text_column, TEXT_COLUMN_CANDIDATES, "text"), "text", columns)
     return prepare_classification_columns(
         dataset,
         image_column=image_column,
@@ -1623,11 +1626,12 @@ def load_dataset(
         source: path, pattern, Hub id or datasets object.
         format: one of `FORMATS`.
         task: ``"image-text"`` (canonical ``image`` + ``text`` columns) or ``"classification"`` (canonical
-            ``image`` + ``label``; pass the result to `prepare_labels` for a `ClassLabel` and the class names).
+            ``image`` + ``label``; pass the result to `prepare_labels` for a `ClassLabel` and the class names), or
+            ``"captions"`` (a canonical ``text`` column, no image needed: caption-only tables for a tokenizer).
         split: split to return; None picks the only split and raises if there are several.
         streaming: return a lazily read `datasets.IterableDataset`.
         image_column: column with the image or image path (detected from `IMAGE_COLUMN_CANDIDATES` when None).
-        text_column: caption column, image-text task (detected from `TEXT_COLUMN_CANDIDATES` when None).
+        text_column: caption column, image-text and captions tasks (detected from `TEXT_COLUMN_CANDIDATES` when None).
         label_column: label column, classification task (``label`` when None; without one, an error naming the
             columns found).
         cache_dir: datasets cache folder (defaults to datasets' own).
@@ -1656,7 +1660,7 @@ def load_dataset(
         source, path, split = str(path / split), path / split, None  # a saved dataset per split folder
     kind = detect_format(source, split=split) if format == "auto" else format
     if kind == "classfolder":
-        if task == "image-text":
+        if task in ("image-text", "captions"):
             raise _no_captions_error(source)
         if label_column not in (None, "label"):
             raise ValueError(
@@ -1668,7 +1672,7 @@ def load_dataset(
             logger.warning("%s holds %d class folder(s): %s", source, len(class_names), class_names)
         return dataset
     if kind == "webdataset":
-        if task != "image-text":
+        if task == "classification":
             raise ValueError(
                 f"Webdataset shards ({source}) are read for the image-text task only; for classification use an "
                 "image folder with a label column, class folders, a table or a saved dataset"

@@ -8,6 +8,7 @@ skipped, with the missing path as the reason, where it is absent (`.ci/run` refu
 import itertools
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,15 @@ def assert_close_to_scale(actual, expected, tol: float, what: str = "") -> None:
     assert difference <= tol * scale, (
         f"{what or 'values'}: max |difference| {difference:.3g} > {tol:g} x scale {scale:.3g} (= {tol * scale:.3g})"
     )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The docs test's count of fenced blocks run and marked (with the reasons), by page."""
+    summary = getattr(sys.modules.get("test_docs"), "SUMMARY", None)
+    if not summary:
+        return
+    terminalreporter.section("docs blocks: ran / marked, by page")
+    for page, record in sorted(summary.items()):
+        terminalreporter.write_line(f"{page}: ran {len(record['ran'])}, marked {len(record['marked'])}")
+        for reason in record["marked"]:
+            terminalreporter.write_line(f"    {reason}")

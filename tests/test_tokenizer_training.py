@@ -158,6 +158,12 @@ def test_build_tokenizer_cli_trains_from_any_dataset_format(tmp_path, capsys):
     assert (
         from_table(CAPTIONS)["input_ids"] == train_msclip_tokenizer(TOKENIZER_CORPUS, VOCAB_SIZE)(CAPTIONS)["input_ids"]
     )
+    # A table of captions alone (no image column), as docs/processor.md's command reads: the same tokenizer.
+    only_captions = tmp_path / "only_captions.jsonl"
+    only_captions.write_text("".join(json.dumps({"text": text}) + "\n" for text in TOKENIZER_CORPUS))
+    arguments = ["--train-from", str(only_captions), "--vocab-size", str(VOCAB_SIZE), "--output", str(tmp_path / "t")]
+    assert cli.main(arguments) == 0
+    assert MSClipTokenizer.from_pretrained(tmp_path / "t")(CAPTIONS)["input_ids"] == from_table(CAPTIONS)["input_ids"]
 
     shapes = tmp_path / "shapes"
     write_shapes_dataset(shapes, num_train=40, num_validation=2, num_test=2, config=ShapesConfig(image_size=32))
