@@ -88,15 +88,16 @@ def extract_blocks(page: Path) -> list[Block]:
     lines = page.read_text().split("\n")
     blocks, index = [], 0
     while index < len(lines):
-        fence = re.match(r"^```(\w*)\s*$", lines[index])
+        fence = re.match(r"^( *)```(\w*)\s*$", lines[index])
         if not fence:
             index += 1
             continue
         end = index + 1
-        while not lines[end].startswith("```"):
+        while not lines[end].strip().startswith("```"):
             end += 1
-        if fence.group(1) in RUNNABLE:
-            block = Block(page, index + 1, fence.group(1), "\n".join(lines[index + 1 : end]) + "\n")
+        if fence.group(2) in RUNNABLE:  # an indented fence (in a list item) holds indented code
+            code = "\n".join(line[len(fence.group(1)) :] for line in lines[index + 1 : end]) + "\n"
+            block = Block(page, index + 1, fence.group(2), code)
             before = "\n".join(lines[max(0, index - 6) : index])
             directive = DIRECTIVE.search(before)
             if directive and "-->" not in before[directive.end() :]:
