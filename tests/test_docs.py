@@ -125,7 +125,7 @@ def test_every_directive_is_well_formed():
             if name not in GIVEN:
                 problems.append(f"{block.where}: unknown given {name!r} (known: {sorted(GIVEN)})")
         if block.by:
-            file, _, test = block.by.partition("::")
+            file, test = re.match(r"([\w/.]+)::(\w+)", block.by).groups()
             if not (REPO / file).is_file() or f"def {test}(" not in (REPO / file).read_text():
                 problems.append(f"{block.where}: {block.by} does not exist")
     assert not problems, "\n".join(problems)
@@ -236,6 +236,12 @@ def _class_folders(split: str):
     return build
 
 
+def _class_folder_splits(inputs: TinyInputs, target: Path) -> None:
+    """``train/`` and ``test/`` of class folders and nothing else (no metadata table, no classes.json)."""
+    for split in ("train", "test"):
+        _class_folders(split)(inputs, target / split)
+
+
 def _captions(inputs: TinyInputs, target: Path) -> None:
     shutil.copytree(inputs.path("data/fashion-mnist") / "test", target)
 
@@ -306,6 +312,7 @@ BUILDERS = {
     "data/train_by_class": _class_folders("train"),
     "data/test_by_class": _class_folders("test"),
     "data/captions": _captions,
+    "data/classes": _class_folder_splits,
     "shards": _shards,
     "data/shards": _shards,
     "five-digit-shards": _five_digit_shards,

@@ -393,11 +393,11 @@ def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokeniz
     assert torch.equal(classifier.classifier.bias, torch.zeros(3))
 
 
-RECIPE_MARK = "<!-- test: finetune-recipe."
+RECIPE_MARK = "<!-- docs-test: by: tests/test_finetune.py::test_the_documented_plain_trainer_recipe_runs"
 
 
 def _finetune_recipe() -> tuple[str, list[str]]:
-    """The fenced python block after the ``<!-- test: finetune-recipe. ... -->`` comment of docs/finetuning.md and
+    """The fenced python block after the ``<!-- docs-test: by: ...this test... -->`` comment of docs/finetuning.md and
     the names whose values the comment says are replaced."""
     text = (REPO_ROOT / "docs" / "finetuning.md").read_text()
     assert text.count(RECIPE_MARK) == 1
