@@ -163,7 +163,20 @@ def convert(
     config = config_from_open_clip(model_config.get("model_cfg", model_config))
     state = open_clip_state_dict(load_official_state_dict(checkpoint_path))
     model = MSClipModel(config)
-    model.load_state_dict(convert_state_dict(state, config), strict=True)
+    converted, expected = convert_state_dict(state, config), model.state_dict()
+    mismatched = [
+        f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} from {model_config_path.name}"
+        for key, value in converted.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if mismatched:
+        raise ConversionError(
+            f"{checkpoint_path} does not fit the model config {model_config_path} (was it trained with another "
+            "config?): "
+            + "; ".join(mismatched[:5])
+            + (f"; and {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
+        )
+    model.load_state_dict(converted, strict=True)
     model.eval()
     if output_dir is not None:
         save_with_processor(model, output_dir, vocab_path, preset="clip", overwrite=overwrite)

@@ -209,3 +209,19 @@ def test_missing_files_are_named(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="open_clip model config not found"):
         convert(tmp_path / "none.pt", tmp_path / "missing.json")
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_named_tensor_by_tensor(tmp_path, capsys):
+    """A vocabulary size in the config that differs from the checkpoint's (found running README's command with a
+    mismatched pair) was torch's load_state_dict traceback; now an error naming the tensor, both shapes and the file."""
+    config = model_config(12, True)
+    config["text_cfg"]["vocab_size"] = VOCAB + 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(random_checkpoint(12), tmp_path / "model.safetensors")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "model.safetensors"), "--model-config", str(tmp_path / "config.json"),
+              "--output", str(tmp_path / "out")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert "does not fit the model config" in error
+    assert f"text_model.embeddings.token_embedding.weight: ({VOCAB}, 32) in the checkpoint, ({VOCAB + 8}, 32)" in error
+    assert not (tmp_path / "out").exists()
