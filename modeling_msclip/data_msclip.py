@@ -863,8 +863,9 @@ def iter_captions(
 ) -> Iterator[str]:
     """Every non-empty caption of a dataset, read lazily without decoding images.
 
-    Reads any source `load_dataset` reads, image-text datasets and caption-only tables alike (streamed, so a large dataset is not loaded whole); a record
-    with several captions yields each of them. Used to train a tokenizer on one's own captions.
+    Reads any source `load_dataset` reads, image-text datasets and caption-only tables alike (streamed, so a large
+    dataset is not loaded whole); a record with several captions yields each of them. Used to train a tokenizer on
+    one's own captions.
 
     Args:
         source: the dataset (image folder, CSV/TSV/JSONL, webdataset shards, saved dataset, Hub name).
