@@ -556,6 +556,11 @@ class EvalImageTransform:
             resample: PIL resampling filter.
             rescale_factor: multiplies the uint8 pixels before normalisation.
         """
+        if image_processor is not None and not callable(image_processor):
+            raise TypeError(
+                f"EvalImageTransform's first argument is an image processor, got {image_processor!r}; for the PIL "
+                "pipeline pass size=, mean= and std= by name"
+            )
         self.image_processor = image_processor
         if image_processor is not None:
             return

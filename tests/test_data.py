@@ -871,3 +871,10 @@ def test_pretraining_prescan_counts_each_bad_record_once_across_ranks(tmp_path, 
     assert kept[0] == kept[1] == len(CAPTIONS) - 4  # 2 unreadable images, 2 empty captions
     assert counts[0]["skipped_corrupt_image"] == 2 and counts[0]["skipped_empty_caption"] == 2
     assert all(value == 0 for value in counts[1].values())
+
+
+def test_eval_transform_refuses_a_size_where_the_processor_goes():
+    """``EvalImageTransform(32)`` (a size in the processor's place) failed only when called, inside the data loader
+    workers, as "'int' object is not callable" on every record."""
+    with pytest.raises(TypeError, match="first argument is an image processor, got 32.*size=, mean= and std="):
+        EvalImageTransform(32)

@@ -16,6 +16,7 @@ Clauses, separated by ``;``:
   objects for a snippet's free names (``image``, ``captions``). `GIVEN` lists them.
 * ``skip: reason``: not run (GPU-only, real multi-node, usage synopses); counted with its reason.
 * ``by: tests/file.py::test_name``: run by that test, which also checks its results (the test must exist).
+* ``note: text``: a word to the reader of the page source.
 
 A block without a comment runs as written. The blocks of a page run in page order in one working directory (so a
 command can use what an earlier one wrote, as a reader following the page would), its Python blocks in one
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -45,7 +47,7 @@ SUBSTITUTION = re.compile(r'^"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"$')
 TINY_PRETRAIN_OPTIONS = (
     "--model_preset msclip-s-tiny --tokenizer_name_or_path bpe_simple_vocab_16e6.txt.gz --train_data data/shapes "
     "--train_split train --per_device_train_batch_size 4 --max_steps 2 --logging_steps 1 --save_strategy no "
-    "--report_to none --dataloader_num_workers 0 --output_dir runs/same-options"
+    "--report_to none --dataloader_num_workers 0"
 )
 SUMMARY: dict[str, dict[str, list[str]]] = {}  # page -> {"ran": [lines], "marked": ["line: reason"]}
 
@@ -60,6 +62,7 @@ class Block:
     given: list[str] = field(default_factory=list)
     skip: str | None = None
     by: str | None = None
+    has_directive: bool = False
 
     @property
     def where(self) -> str:
@@ -68,10 +71,12 @@ class Block:
 
 def parse_directive(text: str, where: str) -> dict:
     parsed: dict = {"substitutions": [], "given": [], "skip": None, "by": None}
-    for clause in (c.strip() for c in re.split(r";\s*(?=\"|given:|skip:|by:)", text.strip()) if c.strip()):
+    for clause in (c.strip() for c in re.split(r";\s*(?=\"|given:|skip:|by:|note:)", text.strip()) if c.strip()):
         if clause.startswith("skip:"):
             parsed["skip"] = clause[len("skip:") :].strip()
             assert parsed["skip"], f"{where}: 'skip:' needs a reason"
+        elif clause.startswith("note:"):
+            continue  # for the reader of the page source
         elif clause.startswith("by:"):
             parsed["by"] = clause[len("by:") :].strip()
         elif clause.startswith("given:"):
@@ -98,9 +103,14 @@ def extract_blocks(page: Path) -> list[Block]:
         if fence.group(2) in RUNNABLE:  # an indented fence (in a list item) holds indented code
             code = "\n".join(line[len(fence.group(1)) :] for line in lines[index + 1 : end]) + "\n"
             block = Block(page, index + 1, fence.group(2), code)
-            before = "\n".join(lines[max(0, index - 6) : index])
-            directive = DIRECTIVE.search(before)
-            if directive and "-->" not in before[directive.end() :]:
+            start = index  # the comment right above the fence, however many lines it has
+            if index > 0 and lines[index - 1].rstrip().endswith("-->"):
+                start = index - 1
+                while start > 0 and "<!--" not in lines[start]:
+                    start -= 1
+            directive = DIRECTIVE.search("\n".join(lines[start:index]))
+            if directive:
+                block.has_directive = True
                 for key, value in parse_directive(directive.group(1), block.where).items():
                     setattr(block, key, value)
             blocks.append(block)
@@ -128,6 +138,10 @@ def test_every_directive_is_well_formed():
             file, test = re.match(r"([\w/.]+)::(\w+)", block.by).groups()
             if not (REPO / file).is_file() or f"def {test}(" not in (REPO / file).read_text():
                 problems.append(f"{block.where}: {block.by} does not exist")
+    for page in PAGES:  # a comment that is not right above a fence steers nothing
+        attached = sum(1 for block in ALL_BLOCKS if block.page == page and block.has_directive)
+        if page.read_text().count("<!-- docs-test:") != attached:
+            problems.append(f"{page.relative_to(REPO)}: a docs-test comment is not on the lines right above a fence")
     assert not problems, "\n".join(problems)
     assert len(ALL_BLOCKS) > 30  # the extraction found the pages' blocks
 
@@ -254,11 +268,14 @@ def _shards(inputs: TinyInputs, target: Path) -> None:
     )  # fmt: skip
 
 
-def _five_digit_shards(inputs: TinyInputs, target: Path) -> None:
-    """The shards of `_shards` named 00000.tar, 00001.tar (the docs' brace patterns have five digits)."""
-    target.mkdir()
-    for shard in sorted(inputs.path("shards").glob("*.tar")):
-        shutil.copy(shard, target / f"{int(shard.stem):05d}.tar")
+def _renamed_shards(digits: int):
+    def build(inputs: TinyInputs, target: Path) -> None:
+        """The shards of `_shards` with ``digits``-digit names (the docs' brace patterns have 4 or 5 digits)."""
+        target.mkdir()
+        for shard in sorted(inputs.path("shards").glob("*.tar")):
+            shutil.copy(shard, target / f"{int(shard.stem):0{digits}d}.tar")
+
+    return build
 
 
 def _pairs_csv(inputs: TinyInputs, target: Path) -> None:
@@ -347,7 +364,9 @@ BUILDERS = {
     "data/classes": _class_folder_splits,
     "shards": _shards,
     "data/shards": _shards,
-    "five-digit-shards": _five_digit_shards,
+    "laion": _renamed_shards(5),
+    "cc12m": _renamed_shards(4),
+    "cc3m": _renamed_shards(5),
     "pairs.csv": _pairs_csv,
     "captions.jsonl": _captions_jsonl,
     "path/to/image.png": _image_file,
@@ -359,9 +378,9 @@ BUILDERS = {
     "ViT-B-32.json": _open_clip_config,
 }
 # $NAME in a substitution: the input's absolute path.
-INPUTS = {"CHECKPOINT": "checkpoint", "FASHION_MNIST_IDX": "fashion-mnist-idx", "SHARDS": "five-digit-shards"}
+INPUTS = {"CHECKPOINT": "checkpoint", "FASHION_MNIST_IDX": "fashion-mnist-idx"}
 # Text-valued inputs.
-TEXT_INPUTS = {"TINY_PRETRAIN_OPTIONS": TINY_PRETRAIN_OPTIONS}
+TEXT_INPUTS = {"TINY_PRETRAIN_OPTIONS": lambda: TINY_PRETRAIN_OPTIONS, "FREE_PORT": lambda: str(free_port())}
 INPUTS.update(dict.fromkeys(TEXT_INPUTS))
 
 
@@ -389,8 +408,10 @@ def _clip_tokenizer(inputs: TinyInputs):
 
 def _collator(inputs: TinyInputs):
     from modeling_msclip.data_msclip import EvalImageTransform, ImageTextCollator
+    from modeling_msclip.image_processing_msclip import MSClipImageProcessor
 
-    return ImageTextCollator(_tokenizer(inputs), EvalImageTransform(32))
+    image_processor = MSClipImageProcessor.from_preset("msclip", image_size=32)
+    return ImageTextCollator(_tokenizer(inputs), EvalImageTransform(image_processor))
 
 
 OBJECTS = {
@@ -401,6 +422,9 @@ OBJECTS = {
     "batches_of_captions": lambda inputs: [_caption_list(inputs)],
     "clip_tokenizer": _clip_tokenizer,
     "collator": _collator,
+    "rank": lambda inputs: 0,
+    "world_size": lambda inputs: 1,
+    "epochs": lambda inputs: 2,
 }
 GIVEN = set(BUILDERS) | set(OBJECTS)
 
@@ -417,7 +441,7 @@ def prepared_code(block: Block, inputs: TinyInputs) -> str:
     code = block.code
     for old, new in block.substitutions:
         for name in sorted(set(re.findall(r"\$([A-Z_]+)", new)), key=len, reverse=True):
-            value = TEXT_INPUTS[name] if name in TEXT_INPUTS else str(inputs.path(INPUTS[name]))
+            value = TEXT_INPUTS[name]() if name in TEXT_INPUTS else str(inputs.path(INPUTS[name]))
             new = new.replace(f"${name}", value)
         code = code.replace(old, new)
     return code
