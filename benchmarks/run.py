@@ -253,7 +253,6 @@ def section_training(ctx: Context) -> Section:
         "ours clip, CLIPModel's own 77-padded batch (default: trims)": (copy.deepcopy(ours), pair(hf_77)),
         "ours msclip (attn+MLP shared)": (build_msclip(size, "msclip"), pair(ours_longest)),
         "ours msclip-s (stem+branch)": (build_msclip(size, "msclip-s"), pair(ours_longest)),
-        "ours msclip, shared blocks in one call": (joint(build_msclip(size, "msclip")), pair(ours_longest)),
     }
     for name, (model, _) in contenders.items():
         log(f"  {name}: {parameter_count(model) / 1e6:.2f} M parameters")
@@ -271,16 +270,9 @@ def section_training(ctx: Context) -> Section:
     section.ratio("ours clip / HF, both pad longest (same FLOPs)", value[names[3]], value[names[1]])
     section.ratio("msclip / ours clip (dynamic)", value[names[5]], value[names[3]])
     section.ratio("msclip-s / ours clip (dynamic)", value[names[6]], value[names[3]])
-    section.ratio("msclip, shared blocks in one call / per tower (default)", value[names[7]], value[names[5]])
     if ctx.profile:
         section.notes.extend(profile_steps({name: steps[name] for name in (names[0], names[2])}))
     return section
-
-
-def joint(model: MSClipModel) -> MSClipModel:
-    """``model`` with each shared component called once over both modalities' tokens (`batch_shared_blocks`)."""
-    model.config.batch_shared_blocks = True
-    return model
 
 
 def profile_steps(steps: dict[str, Callable[[], None]], repetitions: int = 3, top: int = 16) -> list[str]:

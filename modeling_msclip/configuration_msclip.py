@@ -23,6 +23,9 @@ from importlib import resources
 from typing import Any
 
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SHAREABLE_COMPONENTS = ("attention", "mlp", "layer_norm1", "layer_norm2")
 VISION_EMBEDDING_TYPES = ("patch", "conv_stem")
@@ -337,9 +340,6 @@ class MSClipConfig(PreTrainedConfig):
         shared_components: One list per block position naming the components shared by both towers, from
             ``("attention", "mlp", "layer_norm1", "layer_norm2")``. ``None`` shares nothing (vanilla CLIP).
         share_projection_head: One final LayerNorm and one projection for both modalities (single-tower models).
-        batch_shared_blocks: When a forward has both modalities, run each shared component once over the image and
-            text tokens together (one larger GEMM instead of two); the outputs are the same. Off by default: on CPU
-            the concatenation costs more than it saves (docs/benchmarks.md); GPU measurements are pending.
         logit_scale_init_value: Initial value of the learnable log temperature (CLIP: ln(1/0.07)).
         logit_scale_max: Upper bound of ``exp(logit_scale)`` enforced by the training losses and after optimizer
             steps (the model's forward reproduces the official, unclamped logits).
@@ -357,7 +357,6 @@ class MSClipConfig(PreTrainedConfig):
         projection_dim: int = 512,
         shared_components: list[list[str]] | None = None,
         share_projection_head: bool = False,
-        batch_shared_blocks: bool = False,
         logit_scale_init_value: float = 2.6592,
         logit_scale_max: float = 100.0,
         objective: dict[str, Any] | None = None,
@@ -373,7 +372,11 @@ class MSClipConfig(PreTrainedConfig):
             shared_components = [[] for _ in range(num_positions)]
         self.shared_components = [sorted(set(components)) for components in shared_components]
         self.share_projection_head = share_projection_head
-        self.batch_shared_blocks = batch_shared_blocks
+        if kwargs.pop("batch_shared_blocks", False):
+            logger.warning(
+                "batch_shared_blocks is no longer a setting (removed: the same outputs as running the towers in turn, "
+                "slower on CPU and without gradient checkpointing); the towers run in turn"
+            )
         self.logit_scale_init_value = logit_scale_init_value
         self.logit_scale_max = logit_scale_max
         self.initializer_factor = initializer_factor

@@ -148,7 +148,7 @@ class MSClipAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention over already projected ``qkv`` (batch, length, 3 x width); returns the context before
-        ``out_proj`` (kept apart so that a shared module can project both modalities' tokens in one call)."""
+        ``out_proj``."""
         batch, length, _ = qkv.shape
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -257,48 +257,6 @@ class MSClipEncoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + self.mlp.for_modality(modality)(hidden_states)
         return hidden_states, attn_weights
 
-    def forward_joint(
-        self,
-        states: dict[str, torch.Tensor],
-        attention: dict[str, tuple[torch.Tensor | None, bool]],
-        output_attentions: bool = False,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
-        """The block for several modalities at once: every shared component projects all their tokens in one call.
-
-        ``states`` maps modality to hidden states, ``attention`` to its (additive mask, causal) pair. Equal to
-        calling `forward` per modality; attention itself stays per modality.
-        """
-        normed = _run_component(self.layer_norm1, states, lambda module, x: module(x))
-        qkv = _run_component(self.self_attn, normed, lambda module, x: module.qkv_proj(x))
-        contexts, weights = {}, {}
-        for modality, projected in qkv.items():
-            mask, causal = attention[modality]
-            contexts[modality], weights[modality] = self.self_attn.for_modality(modality).attend(
-                projected, mask, causal, output_attentions
-            )
-        attended = _run_component(self.self_attn, contexts, lambda module, x: module.out_proj(x))
-        states = {modality: states[modality] + attended[modality] for modality in states}
-        normed = _run_component(self.layer_norm2, states, lambda module, x: module(x))
-        transformed = _run_component(self.mlp, normed, lambda module, x: module(x))
-        return {modality: states[modality] + transformed[modality] for modality in states}, weights
-
-
-def _run_component(
-    component: MSClipModalityModules,
-    inputs: dict[str, torch.Tensor],
-    call: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Apply a token-wise ``call`` of one block component to each modality's tokens; a shared component sees the
-    tokens of all modalities concatenated, so its weights are read once and multiplied in one larger GEMM."""
-    if not (component.is_shared and len(inputs) > 1):
-        return {modality: call(component.for_modality(modality), tokens) for modality, tokens in inputs.items()}
-    flat = torch.cat([tokens.reshape(-1, tokens.shape[-1]) for tokens in inputs.values()])
-    outputs = call(component["shared"], flat).split([tokens.shape[0] * tokens.shape[1] for tokens in inputs.values()])
-    return {
-        modality: output.view(*tokens.shape[:2], -1)
-        for (modality, tokens), output in zip(inputs.items(), outputs, strict=True)
-    }
-
 
 class MSClipEncoder(nn.Module):
     """The block stack both towers run through, one `MSClipEncoderLayer` per block position."""
@@ -351,45 +309,10 @@ class MSClipEncoder(nn.Module):
             tuple(all_attentions) if all_attentions is not None else None,
         )
 
-    def forward_joint(
-        self,
-        inputs: dict[str, EncoderInput],
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]]:
-        """Run several modalities through the stack together, block position by block position (see
-        `MSClipEncoderLayer.forward_joint`). Returns per modality what `forward` returns."""
-        states = {modality: item.hidden_states for modality, item in inputs.items()}
-        hidden = {modality: [state] for modality, state in states.items()} if output_hidden_states else None
-        attentions: dict[str, list] | None = {modality: [] for modality in states} if output_attentions else None
-        for position, layer in enumerate(self.layers):
-            active = [m for m in states if m in self._layer_modalities[position]]
-            if not active:
-                continue
-            for modality in active:
-                if inputs[modality].before_layer is not None:
-                    states[modality] = inputs[modality].before_layer(position, states[modality])
-            attention = {m: (inputs[m].attention_mask, inputs[m].is_causal) for m in active}
-            updated, weights = layer.forward_joint({m: states[m] for m in active}, attention, output_attentions)
-            states.update(updated)
-            for modality in active:
-                if hidden is not None:
-                    hidden[modality].append(states[modality])
-                if attentions is not None:
-                    attentions[modality].append(weights[modality])
-        return {
-            modality: (
-                states[modality],
-                tuple(hidden[modality]) if hidden is not None else None,
-                tuple(attentions[modality]) if attentions is not None else None,
-            )
-            for modality in states
-        }
-
 
 @dataclass
 class EncoderInput:
-    """What one modality brings to `MSClipEncoder.forward_joint`."""
+    """What one modality brings to `MSClipEncoder`: its embedded tokens, attention and per-layer hook."""
 
     hidden_states: torch.Tensor
     attention_mask: torch.Tensor | None = None
@@ -1012,34 +935,6 @@ class MSClipModel(MSClipPreTrainedModel):
         output.pooler_output = projection(output.pooler_output)
         return output
 
-    def _encodes_jointly(self) -> bool:
-        # Checkpointed layers wrap `forward` only; the joint path would bypass the checkpointing.
-        checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.encoder.layers)
-        return self.config.batch_shared_blocks and bool(self.config.shared_block_positions) and not checkpointing
-
-    def _encode_jointly(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool,
-        output_attentions: bool,
-        interpolate_pos_encoding: bool,
-    ) -> tuple[BaseModelOutputWithPooling, BaseModelOutputWithPooling]:
-        """Both towers through the stack together: shared components project image and text tokens in one call."""
-        text_input, pool_index = self.text_model.prepare(input_ids, attention_mask)
-        vision_input = self.vision_model.prepare(pixel_values, interpolate_pos_encoding)
-        encoded = self.encoder.forward_joint(
-            {"vision": vision_input, "text": text_input}, output_hidden_states, output_attentions
-        )
-        text_norm, text_projection = self._head("text")
-        vision_norm, vision_projection = self._head("vision")
-        text_outputs = self.text_model.pool(encoded["text"], pool_index, text_norm)
-        vision_outputs = self.vision_model.pool(encoded["vision"], vision_norm)
-        text_outputs.pooler_output = text_projection(text_outputs.pooler_output)
-        vision_outputs.pooler_output = vision_projection(vision_outputs.pooler_output)
-        return vision_outputs, text_outputs
-
     def get_text_features(
         self,
         input_ids: torch.Tensor,
@@ -1100,20 +995,10 @@ class MSClipModel(MSClipPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self._encodes_jointly():
-            vision_outputs, text_outputs = self._encode_jointly(
-                input_ids,
-                attention_mask,
-                pixel_values,
-                output_hidden_states,
-                output_attentions,
-                interpolate_pos_encoding,
-            )
-        else:
-            vision_outputs = self.encode_image(
-                pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding
-            )
-            text_outputs = self.encode_text(input_ids, attention_mask, output_hidden_states, output_attentions)
+        vision_outputs = self.encode_image(
+            pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding
+        )
+        text_outputs = self.encode_text(input_ids, attention_mask, output_hidden_states, output_attentions)
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()

@@ -532,47 +532,19 @@ def test_zero_shot_pipeline_scores_match_the_model(tmp_path, msclip_tokenizer_di
     assert_close_to_scale([scores[label] for label in labels], expected, 1e-5, f"pipeline scores of {labels}")
 
 
-@pytest.mark.parametrize("preset", ["msclip-s-tiny", "msclip-tiny", "single-tower-tiny"])
-def test_joint_forward_of_shared_blocks_equals_separate_towers(preset):
+def test_a_saved_config_with_the_removed_batch_shared_blocks_still_loads(tmp_path, caplog):
+    """`batch_shared_blocks` (one call per shared component over both modalities) was removed: same outputs, slower
+    on CPU, no gradient checkpointing. A config.json that still has it loads; True says that it no longer applies."""
     torch.manual_seed(0)
-    config = MSClipConfig.from_preset(preset)
-    model = MSClipModel._from_config(config, attn_implementation="eager").double().train()
-    model.config.batch_shared_blocks = True
-    assert model._encodes_jointly()
-    inputs = tiny_inputs(config, batch=3)
-    inputs["pixel_values"] = inputs["pixel_values"].double()
-    results = []
-    for joint in (True, False):
-        model.config.batch_shared_blocks = joint
-        torch.manual_seed(1)
-        model.zero_grad()
-        out = model(**inputs, return_loss=True, output_hidden_states=True, output_attentions=True)
-        out.loss.backward()
-        tensors = {"loss": out.loss, "logits": out.logits_per_image}
-        for tower in ("text_model_output", "vision_model_output"):
-            tensors.update({f"{tower}.hidden.{i}": h for i, h in enumerate(out[tower].hidden_states)})
-            tensors.update({f"{tower}.attention.{i}": a for i, a in enumerate(out[tower].attentions)})
-        tensors.update({f"grad.{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        results.append({k: v.detach() for k, v in tensors.items()})
-    joint, separate = results
-    assert joint.keys() == separate.keys()
-    for key in joint:
-        assert_close_to_scale(joint[key], separate[key], 1e-10, key)
-
-
-def test_joint_forward_reads_each_shared_weight_once_per_block():
-    torch.manual_seed(0)
-    config = MSClipConfig.from_preset("msclip-tiny", batch_shared_blocks=True)
-    model = MSClipModel(config).eval()
-    calls = []
-    model.encoder.layers[4].mlp["shared"].fc1.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
-    inputs = tiny_inputs(config, batch=3)
+    model = MSClipModel(MSClipConfig.from_preset("msclip-tiny")).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "batch_shared_blocks" not in saved
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "batch_shared_blocks": True}))
+    with caplog.at_level("WARNING"):
+        reloaded = MSClipModel.from_pretrained(tmp_path).eval()
+    assert "batch_shared_blocks is no longer a setting" in caplog.text
+    assert not hasattr(reloaded.config, "batch_shared_blocks")
+    inputs = tiny_inputs(model.config, batch=2)
     with torch.no_grad():
-        model(**inputs)
-    text_tokens = 3 * int(inputs["input_ids"].argmax(-1).max() + 1)
-    assert calls == [torch.Size([3 * 5 + text_tokens, 128])], "one fc1 call over the image and text tokens together"
-    calls.clear()
-    model.config.batch_shared_blocks = False
-    with torch.no_grad():
-        model(**inputs)
-    assert len(calls) == 2
+        assert torch.equal(reloaded(**inputs).logits_per_image, model(**inputs).logits_per_image)
