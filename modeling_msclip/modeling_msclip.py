@@ -798,6 +798,17 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 
+def reject_unknown_kwargs(method: str, kwargs: dict[str, Any], accepted: tuple[str, ...] = ()) -> None:
+    """Raise a `TypeError` naming every keyword argument of ``method`` that it would otherwise drop silently."""
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{method} got unexpected keyword argument(s) {unknown}")
+
+
+# What get_text_features / get_image_features read from their keyword arguments (transformers 5 passes these).
+FEATURE_KWARGS = ("output_hidden_states", "output_attentions")
+
+
 class MSClipPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by all MS-CLIP models."""
 
@@ -811,6 +822,10 @@ class MSClipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Every loss here is a mean over the pairs or images of the micro-batch, never a sum over the Trainer's
+    # `num_items_in_batch`: the Trainer must divide by the gradient-accumulation steps itself (it would not if it
+    # believed the forwards took loss keyword arguments, which it infers from `**kwargs`).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MSClipConfig, *inputs: Any, **kwargs: Any) -> None:
         super().__init__(config, *inputs, **kwargs)
@@ -943,6 +958,7 @@ class MSClipModel(MSClipPreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
         """transformers-5 style text features: ``pooler_output`` is the projected, unnormalised embedding."""
+        reject_unknown_kwargs("get_text_features", kwargs, FEATURE_KWARGS)
         if position_ids is not None:
             raise ValueError("MS-CLIP uses absolute learned positions 0..L-1; position_ids are not supported")
         return self.encode_text(
@@ -956,6 +972,7 @@ class MSClipModel(MSClipPreTrainedModel):
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs: Any
     ) -> BaseModelOutputWithPooling:
         """transformers-5 style image features: ``pooler_output`` is the projected, unnormalised embedding."""
+        reject_unknown_kwargs("get_image_features", kwargs, FEATURE_KWARGS)
         return self.encode_image(
             pixel_values,
             output_hidden_states=bool(kwargs.get("output_hidden_states", False)),
@@ -981,6 +998,7 @@ class MSClipModel(MSClipPreTrainedModel):
         Returns `MSClipOutput`; the loss (``return_loss=True``) is the symmetric contrastive loss of this batch
         alone. Cross-device negatives, SigLIP and nCLIP live in `loss_msclip` and the trainer.
         """
+        reject_unknown_kwargs("MSClipModel.forward", kwargs)
         if input_ids is None or pixel_values is None:
             raise ValueError(
                 "MSClipModel.forward needs both input_ids and pixel_values; use get_text_features / "
@@ -1136,6 +1154,7 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
         **kwargs: Any,
     ) -> MSClipPreTrainingOutput:
         """Embed the pairs and, with ``return_loss`` (the default), compute the configured objective."""
+        reject_unknown_kwargs("MSClipForPreTraining.forward", kwargs)
         if return_loss:
             check_paired_batch(input_ids, pixel_values)
         outputs = self.msclip(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
@@ -1211,6 +1230,7 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
         **kwargs: Any,
     ) -> ImageClassifierOutput | tuple:
         """Classify images; with ``labels`` also return the cross-entropy loss."""
+        reject_unknown_kwargs("MSClipForImageClassification.forward", kwargs)
         if pixel_values is None:
             raise ValueError("MSClipForImageClassification.forward needs pixel_values")
         return_dict = return_dict if return_dict is not None else self.config.return_dict

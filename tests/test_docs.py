@@ -503,7 +503,7 @@ def test_the_page_runs_as_written(page, tiny_inputs, tmp_path):
     workdir, namespace = page_workdir(tmp_path), {"__name__": "__docs__"}
     for block in blocks:
         if block.skip or block.by:
-            record["marked"].append(f"{block.line}: {block.skip or 'run by ' + block.by}")
+            record["marked"].append(f"{block.line}: {' '.join((block.skip or 'run by ' + block.by).split())}")
             continue
         try:
             give(block, tiny_inputs, workdir, namespace)

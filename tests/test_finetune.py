@@ -450,3 +450,47 @@ def test_the_documented_plain_trainer_recipe_runs(saved_checkpoint, tmp_path):
     assert namespace["trainer"].state.global_step == 8
     for target in _auto_map_targets(tmp_path / "run"):
         assert (tmp_path / "run" / f"{target.split('.')[0]}.py").is_file(), target
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(saved_checkpoint, tmp_path):
+    """The plain `Trainer` with 2 micro-batches of 4 must update the classifier as one batch of 8 does.
+
+    Found: the models' forwards took ``**kwargs``, so transformers' Trainer believed they normalise their loss by its
+    ``num_items_in_batch`` and stopped dividing by the accumulation steps; the classifier's loss is a mean over
+    each micro-batch, so with 2 micro-batches its step was twice the batch-of-8 step. (Contrastive pre-training has
+    no such equality: its negatives are the micro-batch's; `--gradcache` gives the large batch's loss there.)"""
+    from transformers import Trainer
+
+    generator = torch.Generator().manual_seed(1)
+    pixel_values = torch.randn(8, 3, 64, 64, generator=generator)
+    records = [{"pixel_values": pixel_values[i], "labels": i % 3} for i in range(8)]
+
+    def load():
+        torch.manual_seed(0)
+        return AutoModelForImageClassification.from_pretrained(saved_checkpoint, num_labels=3)
+
+    def trained(per_device: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = load()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{per_device}x{accumulation}"), per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.1, optim="sgd",
+            lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=1e9, report_to="none", save_strategy="no", use_cpu=True,
+            dataloader_drop_last=True, seed=0, data_seed=0,
+        )  # fmt: skip
+        model.eval()  # no dropout or batch statistics: both runs see the same function
+        trainer = Trainer(model=model, args=args, train_dataset=records, data_collator=_stack)
+        trainer.model.train = lambda mode=True: model  # keep eval mode through training
+        trainer.train()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    one_batch, accumulated = trained(8, 1), trained(4, 2)
+    start = load().state_dict()
+    moved = [name for name in one_batch if not torch.equal(one_batch[name], start[name])]
+    assert moved, "the step changed nothing"
+    for name in moved:
+        assert_close_to_scale(accumulated[name] - start[name], one_batch[name] - start[name], 1e-4, name)
+
+
+def _stack(records: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([torch.as_tensor(r[key]) for r in records]) for key in records[0]}

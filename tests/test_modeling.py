@@ -548,3 +548,21 @@ def test_a_saved_config_with_the_removed_batch_shared_blocks_still_loads(tmp_pat
     inputs = tiny_inputs(model.config, batch=2)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits_per_image, model(**inputs).logits_per_image)
+
+
+def test_unknown_keyword_arguments_are_refused_by_name():
+    """Extra keyword arguments were dropped silently (a typo such as ``output_hidden_state=True`` did nothing)."""
+    torch.manual_seed(0)
+    config = MSClipConfig.from_preset("msclip-tiny")
+    model = MSClipModel(config).eval()
+    inputs = tiny_inputs(config, batch=2)
+    with pytest.raises(
+        TypeError, match=r"MSClipModel.forward got unexpected keyword argument\(s\) \['output_hidden_state'\]"
+    ):
+        model(**inputs, output_hidden_state=True)
+    with pytest.raises(TypeError, match=r"get_text_features got unexpected keyword argument\(s\) \['pixel_values'\]"):
+        model.get_text_features(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+    with pytest.raises(TypeError, match=r"get_image_features got unexpected keyword argument\(s\) \['mask'\]"):
+        model.get_image_features(inputs["pixel_values"], mask=None)
+    hidden = model.get_image_features(inputs["pixel_values"], output_hidden_states=True).hidden_states
+    assert hidden is not None and len(hidden) > 1
