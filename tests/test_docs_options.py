@@ -106,17 +106,17 @@ print(json.dumps(results))
 HELP_ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHON_COLORS": "0", "HF_HUB_OFFLINE": "1"}
 
 
+def run_python(arguments: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """``python *arguments`` in the repository root, with the help environment, output captured."""
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=REPO, env=HELP_ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def help_texts(commands: list[str]) -> dict[str, str]:
     """``--help`` of each command, all run by one `HELP_RUNNER` process in the repository root."""
     invocations = [invocation(command) for command in commands]
-    result = subprocess.run(
-        [sys.executable, "-c", HELP_RUNNER, json.dumps(invocations)],
-        cwd=REPO,
-        env=HELP_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(["-c", HELP_RUNNER, json.dumps(invocations)], timeout=300)
     assert result.returncode == 0, f"the --help runner failed:\n{result.stderr[-3000:]}"
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     texts = {}
@@ -129,14 +129,7 @@ def help_texts(commands: list[str]) -> dict[str, str]:
 
 def real_help_text(command: str) -> str:
     """``--help`` of ``command`` run as its own process, as a user runs it."""
-    result = subprocess.run(
-        [sys.executable, *invocation(command), "--help"],
-        cwd=REPO,
-        env=HELP_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python([*invocation(command), "--help"], timeout=120)
     assert result.returncode == 0, f"python {' '.join(invocation(command))} --help failed:\n{result.stderr[-3000:]}"
     return result.stdout
 
