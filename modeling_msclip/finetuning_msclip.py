@@ -1,7 +1,7 @@
 """Image-classification fine-tuning of MS-CLIP with the plain transformers `Trainer`.
 
-`training/run_finetune_classification.py` only parses the command line and calls `run_finetuning`; everything
-testable lives here. The model is `MSClipForImageClassification`: the vision tower of an MS-CLIP checkpoint (with its
+`training/run_finetune_classification.py` owns the command line and the run; the pieces it assembles live here. The
+model is `MSClipForImageClassification`: the vision tower of an MS-CLIP checkpoint (with its
 share of the block stack) and a linear head on the class token. Optionally the head starts as the zero-shot
 classifier built from the text embeddings of the class names (``--init_head_from_text``).
 
@@ -17,39 +17,26 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from transformers import (
-    EvalPrediction,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import EvalPrediction, TrainerCallback
 
-from .checkpointing_msclip import OutputArguments, attach_checkpointing, checkpoint_to_resume
 from .configuration_msclip import MSClipConfig
 from .data_msclip import (
-    FORMATS,
     DataStats,
-    EvalImageTransform,
-    ImageClassificationCollator,
-    TrainImageTransform,
     decode_image,
     images_decodable,
     load_dataset,
     prepare_labels,
-    read_nonempty_lines,
 )
 from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
 from .loss_msclip import logit_scale_exp
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
-from .pretraining_msclip import CheckpointArguments, apply_patch_dropout, build_processor
+from .pretraining_msclip import apply_patch_dropout
 from .processing_msclip import image_processor_only
 
 logger = logging.getLogger(__name__)
@@ -57,75 +44,6 @@ logger = logging.getLogger(__name__)
 STAGE_KEY = "__stage__"
 # Images encoded to calibrate the scale of a text-initialised head.
 HEAD_CALIBRATION_IMAGES = 64
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Arguments
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelArguments(CheckpointArguments):
-    """Which model to fine-tune (its vision tower; text-only weights are unused) and how its head starts."""
-
-    init_head_from_text: bool = field(
-        default=False,
-        metadata={
-            "help": "Start the classifier as the zero-shot classifier: class-name prompts embedded by the "
-            "checkpoint's text tower (needs --model_name_or_path of an MS-CLIP dual encoder and a tokenizer)."
-        },
-    )
-    prompt_templates: str | None = field(
-        default=None,
-        metadata={"help": "Text file of prompt templates, one per line with a {} placeholder (default: generic)."},
-    )
-
-
-@dataclass
-class DataArguments:
-    """Where the labelled images come from and how they are prepared."""
-
-    train_data: str = field(
-        metadata={
-            "help": "Training images: class folders (root/<class>/*.png, or root/<split>/<class>/*), an image "
-            "folder with a label column in metadata.jsonl, a CSV/TSV/JSONL/Parquet table, a save_to_disk folder or a "
-            "Hub dataset (see docs/data.md)."
-        }
-    )
-    eval_data: str | None = field(default=None, metadata={"help": "Evaluation images (same formats)."})
-    train_split: str | None = field(default=None, metadata={"help": "Split of --train_data (e.g. train)."})
-    eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data (e.g. test)."})
-    format: str = field(
-        default="auto",
-        metadata={
-            "help": f"Format of --train_data and --eval_data, one of {FORMATS}. auto detects it (docs/data.md); "
-            "a folder with a metadata.jsonl is an image folder, so pass classfolder to read class sub-folders next "
-            "to one (the Fashion-MNIST tree)."
-        },
-    )
-    eval_format: str | None = field(default=None, metadata={"help": "Format of --eval_data (default: --format)."})
-    data_format: str | None = field(default=None, metadata={"help": "Deprecated name of --format."})
-    image_column: str | None = field(
-        default=None, metadata={"help": "Image column of a table or datasets source (default: detected)."}
-    )
-    label_column: str | None = field(
-        default=None, metadata={"help": "Label column (default: label; class folders: the folder names)."}
-    )
-    class_names: str | None = field(
-        default=None,
-        metadata={"help": "Text file of class names in label order, for integer labels without ClassLabel names."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation images."})
-    no_augmentation: bool = field(default=False, metadata={"help": "Train on the evaluation transform."})
-    crop_scale_min: float = field(
-        default=0.08, metadata={"help": "Lower bound of the random-resized-crop area (as in ImageNet fine-tuning)."}
-    )
-    no_horizontal_flip: bool = field(default=False, metadata={"help": "Do not flip training images left-right."})
-    skip_record_check: bool = field(
-        default=False,
-        metadata={"help": "Do not pre-scan for unreadable images (the collator still skips and counts them)."},
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -229,38 +147,45 @@ def _label_maps(class_names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def build_classification_model(model_args: ModelArguments, class_names: Sequence[str]) -> MSClipForImageClassification:
-    """Load the vision tower of a checkpoint (or build a preset from scratch) with a head for ``class_names``."""
-    if bool(model_args.model_name_or_path) == bool(model_args.model_preset):
+def build_classification_model(
+    class_names: Sequence[str],
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    preset: str | None = None,
+    attn_implementation: str = "sdpa",
+    patch_dropout: float | None = None,
+) -> MSClipForImageClassification:
+    """The vision tower of ``checkpoint`` (or a new model of ``preset``: exactly one of the two) with a head for
+    ``class_names``. ``patch_dropout`` (``None``: the config's) sets the share of patches dropped while training.
+
+    Raises:
+        ValueError: when not exactly one of ``checkpoint`` and ``preset`` is given.
+    """
+    if bool(checkpoint) == bool(preset):
         raise ValueError("give exactly one of --model_name_or_path and --model_preset")
     labels = _label_maps(class_names)
-    kwargs = {"attn_implementation": model_args.attn_implementation}
-    if model_args.model_preset:
-        config = MSClipConfig.from_preset(model_args.model_preset, **labels)
-        apply_patch_dropout(config, model_args.patch_dropout)
+    kwargs = {"attn_implementation": attn_implementation}
+    if preset:
+        config = MSClipConfig.from_preset(preset, **labels)
+        apply_patch_dropout(config, patch_dropout)
         return MSClipForImageClassification._from_config(config, **kwargs)
-    source = model_args.model_name_or_path
-    config = MSClipConfig.from_pretrained(source)
+    config = MSClipConfig.from_pretrained(checkpoint)
     if "MSClipForImageClassification" in (config.architectures or []) and config.num_labels != len(class_names):
         # A classifier of another label set: keep its vision tower, start a new head.
         kwargs["ignore_mismatched_sizes"] = True
-    model, info = MSClipForImageClassification.from_pretrained(source, **labels, **kwargs, output_loading_info=True)
+    model, info = MSClipForImageClassification.from_pretrained(checkpoint, **labels, **kwargs, output_loading_info=True)
     not_loaded = sorted(key for key in info["missing_keys"] if not key.startswith("classifier."))
     if not_loaded:
-        logger.warning("These vision weights are not in %s and start from scratch: %s", source, not_loaded)
-    apply_patch_dropout(model.config, model_args.patch_dropout)
-    if model.config.vision_config.patch_dropout and model_args.patch_dropout is None:
+        logger.warning("These vision weights are not in %s and start from scratch: %s", checkpoint, not_loaded)
+    apply_patch_dropout(model.config, patch_dropout)
+    if model.config.vision_config.patch_dropout and patch_dropout is None:
         logger.warning(
             "%s drops %.2f of the image patches while training (vision_config.patch_dropout); pass "
             "--patch_dropout 0 to fine-tune on whole images",
-            source,
+            checkpoint,
             model.config.vision_config.patch_dropout,
         )
     return model
-
-
-def _image_processor_of(processor: Any) -> Any:
-    return getattr(processor, "image_processor", processor)
 
 
 @torch.no_grad()
@@ -397,18 +322,12 @@ class SkippedRecordsCallback(TrainerCallback):
             state.log_history.append({f"data_{key}": value for key, value in counts.items()})
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _first(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
-
-
-def _calibration_pixels(dataset: datasets.Dataset, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+def calibration_pixels(
+    dataset: datasets.Dataset, transform: Callable[[Any], torch.Tensor], limit: int = HEAD_CALIBRATION_IMAGES
+) -> torch.Tensor:
+    """The pixels of the first ``limit`` readable images of ``dataset``, to calibrate `initialize_head_from_text`."""
     pixels = []
-    for record in dataset.select(range(min(HEAD_CALIBRATION_IMAGES, len(dataset)))):
+    for record in dataset.select(range(min(limit, len(dataset)))):
         try:
             pixels.append(transform(decode_image(record["image"])))
         except Exception:  # unreadable images are only left out of the calibration
@@ -416,148 +335,16 @@ def _calibration_pixels(dataset: datasets.Dataset, transform: Callable[[Any], to
     return torch.stack(pixels) if pixels else torch.zeros(0)
 
 
-def run_finetuning(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: TrainingArguments,
-    output_args: OutputArguments | None = None,
-    callbacks: Sequence[TrainerCallback] | None = None,
-) -> Trainer:
-    """Fine-tune `MSClipForImageClassification` with the plain `Trainer` and save model, processor and metrics.
-
-    Writes to ``output_dir``: the model and its processor, ``train_results.json``, ``eval_results.json`` (accuracy
-    and mean per-class recall of the final model, when there is evaluation data), ``all_results.json`` and
-    ``trainer_state.json``. The metrics also hold the numbers of skipped (unreadable) images per stage.
-
-    Returns:
-        The trainer (its ``model`` is the fine-tuned model).
-    """
-    output_args = output_args or OutputArguments()
-    checkpoint = checkpoint_to_resume(training_args, overwrite=output_args.overwrite_output_dir)
-    training_args.remove_unused_columns = False  # the collator needs the raw image column
-    set_seed(training_args.seed)
-
-    stats = {"train": DataStats()}
-    class_names_file = read_nonempty_lines(data_args.class_names) if data_args.class_names else None
-    data_format = data_args.format
-    if data_args.data_format is not None:
-        logger.warning("--data_format is deprecated; use --format")
-        if data_format == "auto":
-            data_format = data_args.data_format
-    load_options = {
-        "image_column": data_args.image_column,
-        "label_column": data_args.label_column,
-        "class_names": class_names_file,
-    }
-    train_dataset, class_names = load_classification_dataset(
-        data_args.train_data, split=data_args.train_split, format=data_format, **load_options
-    )
-    train_dataset = _first(train_dataset, data_args.max_train_samples)
-    eval_dataset = None
-    if data_args.eval_data:
-        stats["eval"] = DataStats()
-        eval_dataset, _ = load_classification_dataset(
-            data_args.eval_data, split=data_args.eval_split, format=data_args.eval_format or data_format, **load_options
-        )
-        eval_dataset = _first(align_labels(eval_dataset, train_dataset), data_args.max_eval_samples)
-    if not data_args.skip_record_check:
-        train_dataset = drop_unreadable_images(train_dataset, stats["train"])
-        if eval_dataset is not None:
-            eval_dataset = drop_unreadable_images(eval_dataset, stats["eval"])
-    if len(train_dataset) == 0:
-        raise ValueError(f"No usable training images in {data_args.train_data}")
-
-    model = build_classification_model(model_args, class_names)
-    processor = build_processor(model_args, model.config.vision_config.image_size, require_tokenizer=False)
-    image_processor = _image_processor_of(processor)
-    eval_transform = EvalImageTransform(image_processor)
-    if data_args.no_augmentation:
-        train_transform = eval_transform
-    else:
-        train_transform = TrainImageTransform.from_image_processor(
-            image_processor,
-            scale=(data_args.crop_scale_min, 1.0),
-            horizontal_flip=not data_args.no_horizontal_flip,
-        )
-
-    if model_args.init_head_from_text:
-        templates = (
-            read_nonempty_lines(model_args.prompt_templates) if model_args.prompt_templates else DEFAULT_TEMPLATES
-        )
-        if not templates:
-            raise ValueError(f"--prompt_templates {model_args.prompt_templates} holds no templates")
-        tokenizer = getattr(processor, "tokenizer", None)
-        if not model_args.model_name_or_path or tokenizer is None:
-            raise ValueError(
-                "--init_head_from_text needs --model_name_or_path and a tokenizer (in the model folder, "
-                "--processor_name_or_path or --vocab)"
-            )
-        if "MSClipForImageClassification" in (model.config.architectures or []):
-            raise ValueError(
-                "--init_head_from_text needs a dual-encoder checkpoint (MSClipModel or "
-                "MSClipForPreTraining); this one is an image classifier without a text tower"
-            )
-        clip_model = MSClipModel.from_pretrained(model_args.model_name_or_path)
-        scale = initialize_head_from_text(
-            model, clip_model, tokenizer, class_names, templates, _calibration_pixels(train_dataset, eval_transform)
-        )
-        logger.info(
-            "Classifier initialised from the text embeddings of %d classes (scale %.4g)", len(class_names), scale
-        )
-        del clip_model
-
-    collator = StageCollator(
-        {
-            stage: ImageClassificationCollator(transform, stats=stats[stage])
-            for stage, transform in (("train", train_transform), ("eval", eval_transform))
-            if stage in stats
-        }
-    )
-    skipped = SkippedRecordsCallback(stats)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=StageTaggedDataset(train_dataset, "train"),
-        eval_dataset=StageTaggedDataset(eval_dataset, "eval") if eval_dataset is not None else None,
-        data_collator=collator,
-        processing_class=processor,
-        compute_metrics=compute_metrics,
-        callbacks=[skipped, ClassifierFolderCallback(), *(callbacks or [])],
-    )
-    attach_checkpointing(trainer, checkpoint)
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        finish_classifier_folder(training_args.output_dir)
-    train_metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
-    train_metrics.update({key: value for key, value in skipped.counts().items() if key.startswith("train_")})
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(eval_dataset)
-        # Summed over ranks (each rank's collator counts the records of its own share); every rank calls it.
-        eval_metrics["eval_skipped_corrupt_image"] = stats["eval"].as_dict(all_ranks=True)["skipped_corrupt_image"]
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    trainer.save_state()
-    return trainer
-
-
 __all__ = [
-    "DataArguments",
-    "ModelArguments",
-    "OutputArguments",
     "StageCollator",
     "StageTaggedDataset",
     "align_labels",
     "build_classification_model",
-    "build_processor",
+    "calibration_pixels",
     "classification_metrics",
     "compute_metrics",
     "drop_unreadable_images",
     "finish_classifier_folder",
     "initialize_head_from_text",
     "load_classification_dataset",
-    "run_finetuning",
 ]

@@ -1,17 +1,15 @@
-"""Pre-training entry point: arguments, model/processor/data assembly and the run itself.
+"""Pre-training building blocks: model config, model, processor, data and callbacks, each from typed arguments.
 
-`training/run_pretrain.py` parses the command line (into the argument dataclasses defined here) and calls
-`run_pretraining`; the library itself parses no command line.
-Runs the same under plain ``python``, ``torchrun`` and ``accelerate launch`` (DDP or DeepSpeed ZeRO).
+`training/run_pretrain.py` owns the command line (its argument dataclasses) and the run itself; it assembles these
+pieces with `MSClipTrainer`. The library parses no command line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +19,12 @@ from transformers import (
     AutoProcessor,
     TrainerCallback,
     TrainingArguments,
-    set_seed,
 )
 
-from .checkpointing_msclip import attach_checkpointing, checkpoint_to_resume
 from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
 from .data_msclip import (
     DataStats,
-    EvalImageTransform,
     ImageTextCollator,
-    IndexedDataset,
-    TrainImageTransform,
     detect_format,
     drop_bad_records,
     load_dataset,
@@ -39,199 +32,63 @@ from .data_msclip import (
     read_nonempty_lines,
 )
 from .modeling_msclip import MSClipForPreTraining
-from .streaming_msclip import (
-    SOURCE_SEPARATOR,
-    ImageTextStream,
-    StreamMonitor,
-    build_stream_sources,
-    load_stream_state,
-)
-from .trainer_msclip import (
-    MSClipTrainer,
-    MSClipTrainingArguments,
-    check_world_size,
-)
+from .streaming_msclip import ImageTextStream, StreamMonitor, build_stream_sources
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CheckpointArguments:
-    """Where a model and its processor come from (shared by pre-training and fine-tuning)."""
+def build_model_config(
+    *,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    objective: str | None = None,
+    objective_settings: Mapping[str, Any] | None = None,
+    patch_dropout: float | None = None,
+) -> MSClipConfig:
+    """The config of exactly one of a checkpoint folder, a config file or a preset name, with the objective
+    ``objective`` (a loss name; ``None`` keeps the config's), further `MSClipObjectiveConfig` fields and patch
+    dropout (``None`` keeps the config's).
 
-    model_preset: str | None = field(
-        default=None, metadata={"help": "Named architecture preset to start from scratch (e.g. msclip-s-b32)."}
-    )
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Saved MS-CLIP checkpoint to start from (inference or pre-training)."}
-    )
-    processor_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Saved MSClipProcessor (default: the model folder, else one from --tokenizer_name_or_path)."},
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "aliases": ["--vocab"],
-            "help": "Tokenizer to build the processor from: a saved MSClipTokenizer folder (e.g. one trained with "
-            "processing/build_tokenizer.py --train-from), a CLIP tokenizer folder (vocab.json + merges.txt) or "
-            "bpe_simple_vocab_16e6.txt.gz. From a preset, the text tower's vocabulary follows it.",
-        },
-    )
-    image_preset: str = field(default="msclip", metadata={"help": "Image statistics: 'msclip' (ImageNet) or 'clip'."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
-    patch_dropout: float | None = field(
-        default=None,
-        metadata={
-            "help": "Share of patch tokens each image drops while training (FLIP; default: the config's, usually 0). "
-            "0.5 makes the vision tower about twice as cheap per pair; not with MS-CLIP-S's parallel branch."
-        },
-    )
-
-
-@dataclass
-class ModelArguments(CheckpointArguments):
-    """Which model to pre-train and with which objective."""
-
-    model_config: str | None = field(default=None, metadata={"help": "JSON file of an MSClipConfig."})
-    objective: str | None = field(
-        default=None, metadata={"help": "Loss: clip, siglip, nclip or xclip (default: the checkpoint's, else clip)."}
-    )
-    objective_settings: str | None = field(
-        default=None,
-        metadata={"help": "JSON object of further MSClipObjectiveConfig fields, e.g. '{\"local_loss\": false}'"},
-    )
-
-
-@dataclass
-class DataArguments:
-    """Where the image-text pairs come from and how they are prepared."""
-
-    train_data: str = field(
-        metadata={
-            "help": "Training pairs: image folder, CSV/TSV/JSONL, webdataset shards (local or fsspec URLs), Hub name. "
-            "With --streaming, several sources joined by '::' are mixed (see --train_data_weights)."
-        }
-    )
-    train_data_weights: str | None = field(
-        default=None,
-        metadata={"help": "Mixing weights of the '::'-joined --train_data sources, e.g. '3::1' (default: equal)."},
-    )
-    train_format: str = field(default="auto", metadata={"help": "Format of --train_data (see docs/data.md)."})
-    train_split: str | None = field(
-        default=None, metadata={"help": "Split of --train_data (default: the only one / train)."}
-    )
-    eval_data: str | None = field(default=None, metadata={"help": "Held-out pairs for the evaluation loss."})
-    eval_split: str | None = field(default=None, metadata={"help": "Split of --eval_data."})
-    eval_format: str = field(default="auto", metadata={"help": "Format of --eval_data (see docs/data.md)."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected by default)."})
-    text_column: str | None = field(default=None, metadata={"help": "Caption column (auto-detected by default)."})
-    streaming: bool = field(
-        default=False,
-        metadata={
-            "help": "Stream the training data (ImageTextStream): each rank and DataLoader worker reads its own "
-            "shards, shuffled, filtered before batching so every batch is full; resumable mid-epoch."
-        },
-    )
-    train_num_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": "Streaming: records per epoch over all ranks (default: counted from sizes.json, img2dataset "
-            "*_stats.json, tar headers or the dataset's length). Required with --dataset_resampled and remote shards."
-        },
-    )
-    dataset_resampled: bool = field(
-        default=False,
-        metadata={"help": "Streaming: draw shards with replacement; an epoch is --train_num_samples records."},
-    )
-    shuffle_buffer_size: int = field(
-        default=1000, metadata={"help": "Streaming: records in the shuffle buffer of each worker (0: no shuffling)."}
-    )
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for the pre-scan of map-style data (run once, then cached)."}
-    )
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": "Use only the first N training pairs (streaming: an epoch of N records, as --train_num_samples)."
-        },
-    )
-    text_padding: str = field(
-        default="longest", metadata={"help": "'longest' pads each batch to its longest caption; 'max_length' to 77."}
-    )
-    crop_scale_min: float = field(default=0.9, metadata={"help": "Lower bound of the random-resized-crop area."})
-    no_augmentation: bool = field(default=False, metadata={"help": "Train on the evaluation transform."})
-    zeroshot_eval_data: str | None = field(
-        default=None, metadata={"help": "Labelled images for zero-shot accuracy during training (any data format)."}
-    )
-    zeroshot_eval_split: str | None = field(default=None, metadata={"help": "Split of --zeroshot_eval_data."})
-    zeroshot_eval_format: str = field(
-        default="auto",
-        metadata={"help": "Format of --zeroshot_eval_data (see docs/data.md; classfolder for class folders)."},
-    )
-    zeroshot_label_column: str = field(default="label", metadata={"help": "Integer label column of that data."})
-    zeroshot_class_names: str | None = field(
-        default=None, metadata={"help": "Class names in label order: a file (one per line) or comma-separated."}
-    )
-    zeroshot_templates: str | None = field(
-        default=None, metadata={"help": "File of prompt templates, one per line, each with one {} placeholder."}
-    )
-    zeroshot_eval_steps: int | None = field(
-        default=None, metadata={"help": "Run the zero-shot evaluation every N steps."}
-    )
-    log_seen_samples: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder where each rank appends the key of every pair it trains on, in training order "
-            "(seen_rank<r>.txt; read-ahead batches are not listed): an audit of data sharding and resume."
-        },
-    )
-    skip_record_check: bool = field(
-        default=False,
-        metadata={
-            "help": "Do not pre-scan map-style data for corrupt images / empty captions (the collator still "
-            "skips them, but ranks may then see unequal batches)."
-        },
-    )
-
-
-def build_model_config(model_args: ModelArguments) -> MSClipConfig:
-    """The config of a checkpoint, a config file or a preset, with the requested objective and patch dropout."""
-    sources = [s for s in (model_args.model_preset, model_args.model_config, model_args.model_name_or_path) if s]
+    Raises:
+        ValueError: when not exactly one source is given, or a setting is invalid.
+    """
+    sources = [source for source in (preset, config_file, checkpoint) if source]
     if len(sources) != 1:
         raise ValueError("give exactly one of --model_preset, --model_config, --model_name_or_path")
-    if model_args.model_name_or_path:
-        config = MSClipConfig.from_pretrained(model_args.model_name_or_path)
-    elif model_args.model_config:
-        config = MSClipConfig.from_json_file(model_args.model_config)
+    if checkpoint:
+        config = MSClipConfig.from_pretrained(checkpoint)
+    elif config_file:
+        config = MSClipConfig.from_json_file(config_file)
     else:
-        config = MSClipConfig.from_preset(model_args.model_preset)
-    objective = dict(config.objective)
-    if model_args.objective:
-        objective["loss"] = model_args.objective
-    if model_args.objective_settings:
-        objective.update(json.loads(model_args.objective_settings))
-    config.objective = vars(MSClipObjectiveConfig.from_dict(objective))
-    apply_patch_dropout(config, model_args.patch_dropout)
+        config = MSClipConfig.from_preset(preset)
+    settings = dict(config.objective)
+    if objective:
+        settings["loss"] = objective
+    settings.update(objective_settings or {})
+    config.objective = vars(MSClipObjectiveConfig.from_dict(settings))
+    apply_patch_dropout(config, patch_dropout)
     return config
 
 
 def build_model(
-    model_args: ModelArguments, tokenizer: Any | None = None, config: MSClipConfig | None = None
+    config: MSClipConfig,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    tokenizer: Any | None = None,
+    attn_implementation: str = "sdpa",
 ) -> MSClipForPreTraining:
-    """Start from a checkpoint, a config file or a preset (``config``: `build_model_config`'s, built if None).
+    """A new model of ``config``, or the weights of ``checkpoint`` under ``config`` (see `build_model_config`).
 
-    A model started from a preset or a config file gets the text vocabulary of ``tokenizer`` (its size and its start
-    and end ids); a checkpoint must already cover it (see `align_text_config_with_tokenizer`).
+    A new model gets the text vocabulary of ``tokenizer`` (its size and its start and end ids); a checkpoint must
+    already cover it (see `align_text_config_with_tokenizer`).
     """
-    config = config if config is not None else build_model_config(model_args)
     if tokenizer is not None:
-        align_text_config_with_tokenizer(config, tokenizer, resize=not model_args.model_name_or_path)
-    kwargs = {"attn_implementation": model_args.attn_implementation}
-    if model_args.model_name_or_path:
-        return MSClipForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, **kwargs)
+        align_text_config_with_tokenizer(config, tokenizer, resize=not checkpoint)
+    if checkpoint:
+        return MSClipForPreTraining.from_pretrained(checkpoint, config=config, attn_implementation=attn_implementation)
     with _without_zero3_init():
-        return MSClipForPreTraining._from_config(config, **kwargs)
+        return MSClipForPreTraining._from_config(config, attn_implementation=attn_implementation)
 
 
 @contextlib.contextmanager
@@ -298,16 +155,28 @@ def apply_patch_dropout(config: MSClipConfig, patch_dropout: float | None) -> No
     config.vision_config.validate()
 
 
-def build_processor(model_args: CheckpointArguments, image_size: int, require_tokenizer: bool = True) -> Any:
-    """The processor of ``--processor_name_or_path`` or of the checkpoint folder, else one built from
-    ``--tokenizer_name_or_path``.
+def build_processor(
+    image_size: int,
+    *,
+    processor: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    image_preset: str = "msclip",
+    require_tokenizer: bool = True,
+) -> Any:
+    """The processor saved in ``processor`` or in the ``checkpoint`` folder, else one built from the ``tokenizer``
+    files (a saved MSClipTokenizer or CLIP tokenizer folder, or ``bpe_simple_vocab_16e6.txt.gz``) with the
+    ``image_preset`` image statistics at ``image_size``.
 
     With ``require_tokenizer=False`` (image classification) a folder holding only an image processor, or finally an
-    ``--image_preset`` image processor at ``image_size``, is accepted too.
+    ``image_preset`` image processor at ``image_size``, is accepted too.
+
+    Raises:
+        ValueError: when no source gives a processor (naming the command-line options that would).
     """
     from .image_processing_msclip import MSClipImageProcessor
 
-    for source in (model_args.processor_name_or_path, model_args.model_name_or_path):
+    for source in (processor, checkpoint):
         if not source or not Path(source).is_dir():
             continue
         if (Path(source) / "tokenizer_config.json").is_file():
@@ -315,14 +184,12 @@ def build_processor(model_args: CheckpointArguments, image_size: int, require_to
         image_configs = ("processor_config.json", "preprocessor_config.json")
         if not require_tokenizer and any((Path(source) / name).is_file() for name in image_configs):
             return AutoImageProcessor.from_pretrained(source)
-    if model_args.tokenizer_name_or_path:
+    if tokenizer:
         from .processing_msclip import build_msclip_processor
 
-        return build_msclip_processor(
-            model_args.tokenizer_name_or_path, preset=model_args.image_preset, image_size=image_size
-        )
+        return build_msclip_processor(tokenizer, preset=image_preset, image_size=image_size)
     if not require_tokenizer:
-        return MSClipImageProcessor.from_preset(model_args.image_preset, image_size=image_size)
+        return MSClipImageProcessor.from_preset(image_preset, image_size=image_size)
     raise ValueError(
         "no processor: pass --processor_name_or_path, a --model_name_or_path holding one, or --tokenizer_name_or_path"
     )
@@ -378,204 +245,119 @@ class AugmentationEpochCallback(TrainerCallback):
         self.collator.epoch = int(state.epoch + 1e-6)
 
 
-def _read_list(value: str) -> list[str]:
+def read_list(value: str) -> list[str]:
+    """The lines of a file (``value`` is a path), else the comma-separated items of ``value``."""
     if Path(value).is_file():
         return read_nonempty_lines(value)
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def build_zero_shot_callback(data_args: DataArguments, processor: Any) -> TrainerCallback | None:
-    """A `ZeroShotEvalCallback` on ``--zeroshot_eval_data`` (``None`` when not asked for)."""
-    if not data_args.zeroshot_eval_data:
-        return None
+def build_zero_shot_callback(
+    source: str,
+    processor: Any,
+    *,
+    split: str | None = None,
+    format: str = "auto",
+    label_column: str = "label",
+    text_column: str | None = None,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    eval_steps: int | None = None,
+) -> TrainerCallback:
+    """A `ZeroShotEvalCallback` on the labelled images of ``source`` (any format of docs/data.md), with retrieval on
+    its captions too unless it is a class-folder tree; ``templates`` default to the generic CLIP prompts."""
     from .evaluation_msclip import DEFAULT_TEMPLATES, ZeroShotEvalCallback
 
-    source, split, data_format = (
-        data_args.zeroshot_eval_data,
-        data_args.zeroshot_eval_split,
-        data_args.zeroshot_eval_format,
-    )
-    labelled = load_dataset(
-        source, format=data_format, task="classification", split=split, label_column=data_args.zeroshot_label_column
-    )
-    class_names = _read_list(data_args.zeroshot_class_names) if data_args.zeroshot_class_names else None
+    labelled = load_dataset(source, format=format, task="classification", split=split, label_column=label_column)
     labelled, class_names = prepare_labels(labelled, class_names=class_names, require_class_names=True)
     retrieval = None
-    if (data_format if data_format != "auto" else detect_format(source, split=split)) != "classfolder":
-        retrieval = load_dataset(
-            source, format=data_format, task="image-text", split=split, text_column=data_args.text_column
-        )
-    templates = _read_list(data_args.zeroshot_templates) if data_args.zeroshot_templates else DEFAULT_TEMPLATES
+    if (format if format != "auto" else detect_format(source, split=split)) != "classfolder":
+        retrieval = load_dataset(source, format=format, task="image-text", split=split, text_column=text_column)
     return ZeroShotEvalCallback(
         processor,
         zero_shot_dataset=labelled,
         class_names=class_names,
-        templates=templates,
+        templates=list(templates) if templates is not None else DEFAULT_TEMPLATES,
         retrieval_dataset=retrieval,
-        eval_steps=data_args.zeroshot_eval_steps,
+        eval_steps=eval_steps,
         label_column="label",
     )
 
 
-def build_datasets(
-    data_args: DataArguments, stats: DataStats, training_args: TrainingArguments | None = None
-) -> tuple[Any, Any]:
-    """Load map-style train (and eval) pairs, dropping bad records up front so ranks see full batches.
+def load_image_text_pairs(
+    source: str,
+    *,
+    split: str | None = None,
+    format: str = "auto",
+    image_column: str | None = None,
+    text_column: str | None = None,
+    stats: DataStats | None = None,
+    check_records: bool = True,
+    num_proc: int | None = None,
+    training_args: TrainingArguments | None = None,
+) -> Any:
+    """Map-style image-text pairs of ``source``, with bad records (corrupt image, empty caption) dropped up front
+    (``check_records``) so that ranks see full batches.
 
-    The pre-scan runs on each machine's main process first, with ``--preprocessing_num_workers`` processes; the other
-    ranks then read its result from the datasets cache. Counting it on rank 0 only keeps the summed totals right.
-    (With ``--streaming`` the training data is an `ImageTextStream` instead, see `build_train_stream`.)
+    The pre-scan runs on each machine's main process first (``training_args.main_process_first``) with ``num_proc``
+    processes; the other ranks then read its result from the datasets cache. Only rank 0 counts it in ``stats``,
+    which keeps the totals summed over ranks right. (A stream is built by `build_train_stream` instead.)
     """
-
-    def load(source: str, split: str | None, data_format: str) -> Any:
-        dataset = load_dataset(
-            source,
-            format=data_format,
-            task="image-text",
-            image_column=data_args.image_column,
-            text_column=data_args.text_column,
-            split=split,
-        )
-        if not data_args.skip_record_check:
-            counted = int(os.environ.get("RANK", "0")) == 0
-            first = training_args.main_process_first(desc="pre-scan") if training_args else contextlib.nullcontext()
-            with first:
-                dataset = drop_bad_records(
-                    dataset, stats=stats if counted else None, num_proc=data_args.preprocessing_num_workers
-                )
+    dataset = load_dataset(
+        source, format=format, task="image-text", image_column=image_column, text_column=text_column, split=split
+    )
+    if not check_records:
         return dataset
-
-    train = None
-    if not data_args.streaming and (SOURCE_SEPARATOR in data_args.train_data or data_args.train_data_weights):
-        raise ValueError("mixing several --train_data sources ('a::b', --train_data_weights) needs --streaming")
-    if not data_args.streaming:
-        train = load(data_args.train_data, data_args.train_split, data_args.train_format)
-        if data_args.max_train_samples is not None:
-            train = train.select(range(min(data_args.max_train_samples, len(train))))
-    evaluation = load(data_args.eval_data, data_args.eval_split, data_args.eval_format) if data_args.eval_data else None
-    return train, evaluation
+    counted = int(os.environ.get("RANK", "0")) == 0
+    first = training_args.main_process_first(desc="pre-scan") if training_args else contextlib.nullcontext()
+    with first:
+        return drop_bad_records(dataset, stats=stats if counted else None, num_proc=num_proc)
 
 
 def build_train_stream(
-    data_args: DataArguments, training_args: TrainingArguments, collator: ImageTextCollator
+    sources: str,
+    collator: ImageTextCollator,
+    training_args: TrainingArguments,
+    *,
+    weights: str | None = None,
+    format: str = "auto",
+    split: str | None = None,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    num_samples: int | None = None,
+    shuffle_buffer: int = 1000,
+    resampled: bool = False,
 ) -> ImageTextStream:
-    """The `ImageTextStream` of ``--streaming``: the ``::``-joined sources mixed by ``--train_data_weights``, sharded
-    over this run's ranks and ``--dataloader_num_workers`` workers, seeded by ``--data_seed`` (else ``--seed``)."""
-    sources = build_stream_sources(
-        data_args.train_data,
-        data_args.train_data_weights,
-        format=data_args.train_format,
-        split=data_args.train_split,
-        image_column=data_args.image_column,
-        text_column=data_args.text_column,
+    """An `ImageTextStream` of the ``::``-joined ``sources`` mixed by ``weights`` (e.g. ``"3::1"``; default equal),
+    sharded over the run's ranks and ``dataloader_num_workers`` workers and seeded by ``data_seed`` (else ``seed``)
+    of ``training_args``, with batches of ``per_device_train_batch_size``."""
+    stream_sources = build_stream_sources(
+        sources, weights, format=format, split=split, image_column=image_column, text_column=text_column
     )
-    num_samples = data_args.train_num_samples or data_args.max_train_samples
     return ImageTextStream(
-        sources,
+        stream_sources,
         collator,
         batch_size=training_args.per_device_train_batch_size,
         num_samples=num_samples,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        shuffle_buffer=data_args.shuffle_buffer_size,
-        resampled=data_args.dataset_resampled,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
         rank=training_args.process_index,
         world_size=training_args.world_size,
         num_workers=training_args.dataloader_num_workers,
     )
 
 
-def run_pretraining(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: MSClipTrainingArguments,
-    callbacks: list[TrainerCallback] | None = None,
-) -> MSClipTrainer:
-    """Assemble model, processor, data and `MSClipTrainer`, train (resuming if asked) and save.
-
-    ``callbacks`` are added to the trainer (e.g. evaluation callbacks).
-    """
-    check_world_size(training_args)  # before anything is built: a launch on too few processes fails at once
-    training_args.remove_unused_columns = False
-    if training_args.ddp_find_unused_parameters is None:
-        # Every parameter of every preset and objective gets a gradient each step (tests/test_trainer.py checks it),
-        # so DDP's extra graph traversal to look for unused ones is pure cost.
-        training_args.ddp_find_unused_parameters = False
-    checkpoint = checkpoint_to_resume(training_args, overwrite=training_args.overwrite_output_dir)
-    set_seed(training_args.seed)
-    config = build_model_config(model_args)
-    processor = build_processor(model_args, config.vision_config.image_size)
-    model = build_model(model_args, processor.tokenizer, config)
-    stats = DataStats()
-    train_dataset, eval_dataset = build_datasets(data_args, stats, training_args)
-    image_processor = processor.image_processor
-    if data_args.no_augmentation:
-        train_transform = EvalImageTransform(image_processor)
-    else:
-        train_transform = TrainImageTransform.from_image_processor(
-            image_processor, scale=(data_args.crop_scale_min, 1.0)
-        )
-    streaming = data_args.streaming
-    augmentation_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    image_text_collator = ImageTextCollator(
-        processor.tokenizer,
-        train_transform,
-        padding=data_args.text_padding,
-        stats=stats,
-        augmentation_seed=None if streaming else augmentation_seed,  # a stream seeds each record itself
-        sample_keys=bool(data_args.log_seen_samples),
-    )
-    seen_log = None
-    if data_args.log_seen_samples:
-        seen_log = Path(data_args.log_seen_samples) / f"seen_rank{training_args.process_index}.txt"
-    monitor = None
-    if streaming:
-        train_dataset = build_train_stream(data_args, training_args, image_text_collator)
-        monitor = StreamMonitor(train_dataset, stats)
-        if checkpoint is not None:
-            state = load_stream_state(checkpoint, training_args.process_index)
-            if state is None:
-                logger.warning("%s holds no stream position: the resumed epoch is re-read from its start", checkpoint)
-            else:
-                monitor.load_state_dict(state)
-    else:
-        # Records carry their index so that each sample's augmentation is a function of (seed, epoch, index):
-        # identical whichever rank or worker collates it, and after a resume.
-        train_dataset = IndexedDataset(train_dataset)
-        image_text_collator.refill_from = train_dataset  # a bad record is replaced, so batches stay full
-    trainer = MSClipTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=image_text_collator,
-        processing_class=processor,
-        callbacks=[
-            DataStatsCallback(stats, monitor),
-            AugmentationEpochCallback(image_text_collator),
-            *(callbacks or []),
-        ],
-        stream_monitor=monitor,
-        seen_samples_log=seen_log,
-    )
-    attach_checkpointing(trainer, checkpoint)
-    zero_shot_callback = build_zero_shot_callback(data_args, processor)
-    if zero_shot_callback is not None:
-        zero_shot_callback.attach(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # with the processor (the trainer's processing_class)
-    trainer.save_state()
-    if eval_dataset is not None and training_args.do_eval:
-        trainer.evaluate()
-    return trainer
-
-
 __all__ = [
-    "CheckpointArguments",
-    "DataArguments",
-    "ModelArguments",
+    "AugmentationEpochCallback",
+    "DataStatsCallback",
     "align_text_config_with_tokenizer",
+    "apply_patch_dropout",
     "build_model",
     "build_model_config",
     "build_processor",
-    "run_pretraining",
+    "build_train_stream",
+    "build_zero_shot_callback",
+    "load_image_text_pairs",
+    "read_list",
 ]

@@ -858,7 +858,7 @@ def test_one_label_order_for_both_layouts_of_the_same_images(tmp_path, cache_dir
 
 def test_pretraining_prescan_counts_each_bad_record_once_across_ranks(tmp_path, monkeypatch):
     # Every rank scans the whole map-style dataset; the summed per-rank counts must still count each drop once.
-    from modeling_msclip.pretraining_msclip import DataArguments, build_datasets
+    from training.run_pretrain import DataArguments, build_datasets
 
     path = _table(tmp_path, "csv")
     kept, counts = [], []

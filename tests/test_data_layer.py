@@ -238,9 +238,9 @@ def test_class_folders_carry_no_captions(tmp_path):
             load_image_text_dataset(tmp_path / "classes", format=format)
     with pytest.raises(ValueError, match="class folders carry no captions"):
         ev.load_eval_dataset(tmp_path / "classes", purpose="retrieval")
-    # Pre-training (pretraining_msclip.build_datasets) says so at load time instead of sampling an empty dataset.
+    # Pre-training (training/run_pretrain.py build_datasets) says so at load time instead of sampling an empty dataset.
     from modeling_msclip.data_msclip import DataStats
-    from modeling_msclip.pretraining_msclip import DataArguments, build_datasets
+    from training.run_pretrain import DataArguments, build_datasets
 
     with pytest.raises(ValueError, match="class folders carry no captions"):
         build_datasets(DataArguments(train_data=str(tmp_path / "classes")), DataStats())

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from modeling_msclip import MSClipConfig, MSClipForPreTraining
-from modeling_msclip.pretraining_msclip import DataArguments, ModelArguments, run_pretraining
 from modeling_msclip.trainer_msclip import MSClipTrainingArguments
+from training.run_pretrain import DataArguments, ModelArguments, run_pretraining
 
 TINY_PRESETS = ["clip-tiny", "msclip-tiny", "msclip-s-tiny", "msclip-s-b16-tiny", "single-tower-tiny"]
 OBJECTIVES = {

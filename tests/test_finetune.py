@@ -22,20 +22,17 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, TrainerCallback, TrainingArguments
 
 from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipImageProcessor, MSClipModel, MSClipProcessor
+from modeling_msclip.checkpointing_msclip import OutputArguments
 from modeling_msclip.data_msclip import detect_format
 from modeling_msclip.finetuning_msclip import (
-    DataArguments,
-    ModelArguments,
-    OutputArguments,
     align_labels,
     build_classification_model,
     classification_metrics,
     initialize_head_from_text,
     load_classification_dataset,
-    run_finetuning,
 )
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
-from training.run_finetune_classification import parse_arguments
+from training.run_finetune_classification import DataArguments, ModelArguments, parse_arguments, run_finetuning
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Three classes that differ only in colour: trivially separable, so a few dozen steps must learn them.
@@ -334,7 +331,7 @@ def test_classifier_loads_the_vision_tower_of_a_pretraining_checkpoint(tmp_path)
     torch.manual_seed(1)
     pretraining = MSClipForPreTraining(MSClipConfig.from_preset("msclip-s-tiny"))
     pretraining.save_pretrained(tmp_path)
-    model = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path)), ["a", "b"])
+    model = build_classification_model(["a", "b"], checkpoint=str(tmp_path))
     source = pretraining.state_dict()
     body = {key: value for key, value in model.state_dict().items() if not key.startswith("classifier.")}
     assert all(torch.equal(value, source[f"msclip.{key}"]) for key, value in body.items())
@@ -346,10 +343,10 @@ def test_patch_dropout_of_a_checkpoint_is_reported_and_can_be_switched_off(tmp_p
     config.vision_config.patch_dropout = 0.5
     MSClipForPreTraining(config).save_pretrained(tmp_path)
     with caplog.at_level("WARNING", logger="modeling_msclip.finetuning_msclip"):
-        kept = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path)), ["a", "b"])
+        kept = build_classification_model(["a", "b"], checkpoint=str(tmp_path))
     assert kept.config.vision_config.patch_dropout == 0.5
     assert "--patch_dropout 0" in caplog.text
-    whole = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path), patch_dropout=0.0), ["a", "b"])
+    whole = build_classification_model(["a", "b"], checkpoint=str(tmp_path), patch_dropout=0.0)
     pixels = torch.randn(2, 3, 64, 64)
 
     def tokens(model: torch.nn.Module) -> int:
@@ -371,7 +368,7 @@ def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokeniz
             clip_model.head_layer_norm.bias.normal_()
     clip_model.save_pretrained(tmp_path)
     names = ["red", "green", "blue"]
-    classifier = build_classification_model(ModelArguments(model_name_or_path=str(tmp_path)), names).eval()
+    classifier = build_classification_model(names, checkpoint=str(tmp_path)).eval()
     tokenizer = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
     templates = ["a photo of a {}.", "a {} square."]
     size = clip_model.config.vision_config.image_size

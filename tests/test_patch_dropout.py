@@ -10,7 +10,7 @@ from conftest import assert_close_to_scale
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_msclip import MSClipConfig, MSClipModel
-from modeling_msclip.pretraining_msclip import ModelArguments, build_model
+from modeling_msclip.pretraining_msclip import build_model, build_model_config
 
 # clip-tiny at 64 px with 16 px patches: a 4 x 4 grid, so a dropout of 0.25 keeps 12 of 16 patches.
 GRID_OVERRIDES = {"image_size": 64, "patch_size": 16}
@@ -102,7 +102,7 @@ def test_setting_survives_save_and_load(tmp_path) -> None:
 
 
 def test_pretraining_option_sets_and_checks_patch_dropout() -> None:
-    model = build_model(ModelArguments(model_preset="clip-tiny", patch_dropout=0.5))
+    model = build_model(build_model_config(preset="clip-tiny", patch_dropout=0.5))
     assert model.config.vision_config.patch_dropout == 0.5
     with pytest.raises(ValueError, match="not available with the parallel branch"):
-        build_model(ModelArguments(model_preset="msclip-s-tiny", patch_dropout=0.5))
+        build_model(build_model_config(preset="msclip-s-tiny", patch_dropout=0.5))

@@ -321,7 +321,7 @@ def test_shards_at_an_fsspec_url(tmp_path, collator):
 
 
 def test_mixing_without_streaming_is_refused_with_a_message():
-    from modeling_msclip.pretraining_msclip import DataArguments, build_datasets
+    from training.run_pretrain import DataArguments, build_datasets
 
     with pytest.raises(ValueError, match="needs --streaming"):
         build_datasets(DataArguments(train_data="a::b"), DataStats())

@@ -17,7 +17,7 @@ from conftest import CLIP_VOCAB, REFERENCE_DIR, TOKENIZER_CORPUS, needs_referenc
 from transformers import AutoProcessor, AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
 
 from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipProcessor, MSClipTokenizer
-from modeling_msclip.pretraining_msclip import ModelArguments, build_model, build_model_config
+from modeling_msclip.pretraining_msclip import build_model, build_model_config
 from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
 from modeling_msclip.tokenization_msclip import (
     END_OF_WORD_SUFFIX,
@@ -182,8 +182,7 @@ def test_build_tokenizer_cli_trains_from_any_dataset_format(tmp_path, capsys):
 
 
 def test_a_preset_takes_the_tokenizer_vocabulary_and_a_checkpoint_must_cover_it(trained, tmp_path):
-    arguments = ModelArguments(model_preset="msclip-tiny")
-    model = build_model(arguments, trained, build_model_config(arguments))
+    model = build_model(build_model_config(preset="msclip-tiny"), tokenizer=trained)
     assert model.msclip.text_model.embeddings.token_embedding.num_embeddings == VOCAB_SIZE
     assert (model.config.text_config.bos_token_id, model.config.text_config.eos_token_id) == (578, 579)
     inputs = trained(CAPTIONS, return_tensors="pt")
@@ -197,7 +196,8 @@ def test_a_preset_takes_the_tokenizer_vocabulary_and_a_checkpoint_must_cover_it(
 
     MSClipForPreTraining(small).save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="the tokenizer has 580 tokens but the checkpoint's text embedding only 100"):
-        build_model(ModelArguments(model_name_or_path=str(tmp_path / "small")), trained)
+        small_checkpoint = str(tmp_path / "small")
+        build_model(build_model_config(checkpoint=small_checkpoint), checkpoint=small_checkpoint, tokenizer=trained)
 
 
 # ------------------------------------------------------------------------------ CLIP's vocabulary, official ids

@@ -1,4 +1,5 @@
-"""Command-line parsing shared by the entry scripts (the library parses no command line)."""
+"""What the entry scripts share: the arguments naming a model and its processor, and command-line parsing (the
+library parses no command line)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,56 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_msclip.trainer_msclip import configure_cpu_distributed_state
+
+
+@dataclass
+class CheckpointArguments:
+    """Where a model and its processor come from (shared by pre-training and fine-tuning)."""
+
+    model_preset: str | None = field(
+        default=None, metadata={"help": "Named architecture preset to start from scratch (e.g. msclip-s-b32)."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved MS-CLIP checkpoint to start from (inference or pre-training)."}
+    )
+    processor_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Saved MSClipProcessor (default: the model folder, else one from --tokenizer_name_or_path)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--vocab"],
+            "help": "Tokenizer to build the processor from: a saved MSClipTokenizer folder (e.g. one trained with "
+            "processing/build_tokenizer.py --train-from), a CLIP tokenizer folder (vocab.json + merges.txt) or "
+            "bpe_simple_vocab_16e6.txt.gz. From a preset, the text tower's vocabulary follows it.",
+        },
+    )
+    image_preset: str = field(default="msclip", metadata={"help": "Image statistics: 'msclip' (ImageNet) or 'clip'."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    patch_dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of patch tokens each image drops while training (FLIP; default: the config's, usually 0). "
+            "0.5 makes the vision tower about twice as cheap per pair; not with MS-CLIP-S's parallel branch."
+        },
+    )
+
+    def processor_options(self) -> dict[str, Any]:
+        """The keyword arguments of `pretraining_msclip.build_processor` that name where the processor comes from."""
+        return {
+            "processor": self.processor_name_or_path,
+            "checkpoint": self.model_name_or_path,
+            "tokenizer": self.tokenizer_name_or_path,
+            "image_preset": self.image_preset,
+        }
 
 
 def _requested(args: Sequence[str], settings: dict[str, Any], name: str, default: Any) -> Any:

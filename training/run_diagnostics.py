@@ -8,11 +8,14 @@ Prints the numbers and writes diagnostics.json and diagnostics.png into the (new
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from transformers import HfArgumentParser
 
 from modeling_msclip.diagnostics_msclip import (
     POOLINGS,
@@ -23,30 +26,37 @@ from modeling_msclip.diagnostics_msclip import (
 from modeling_msclip.evaluation_msclip import load_eval_dataset, load_model_and_processor, to_jsonable
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """CLI: diagnostics of a saved MS-CLIP model on paired image-caption data."""
-    parser = argparse.ArgumentParser(description="Modality gap, per-layer modality NMI and attention similarity")
-    parser.add_argument("--model", required=True, help="directory written by save_pretrained (model + processor)")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="imagefolder with metadata.jsonl (file_name, text) or a saved dataset with image and text columns",
-    )
-    parser.add_argument("--output", required=True, help="output directory (must be new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
-    parser.add_argument("--max-samples", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--pooling", choices=POOLINGS, default="mean", help="token pooling for the NMI")
-    parser.add_argument("--normalize-nmi", action="store_true", help="L2-normalise pooled features before k-means")
-    args = parser.parse_args(argv)
+@dataclass
+class DiagnosticsArguments:
+    """Which model, on which paired data, written where."""
 
+    model: str = field(metadata={"help": "directory written by save_pretrained (model + processor)"})
+    data: str = field(
+        metadata={
+            "help": "imagefolder with metadata.jsonl (file_name, text) or a saved dataset with image and text columns"
+        }
+    )
+    output: str = field(metadata={"help": "output directory (must be new or empty)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into a non-empty output directory"})
+    max_samples: int = field(default=1000, metadata={"help": "pairs read from --data"})
+    batch_size: int = field(default=32, metadata={"help": "pairs encoded at once"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
+    image_column: str = field(default="image", metadata={"help": "image column of --data"})
+    text_column: str = field(default="text", metadata={"help": "caption column of --data"})
+    pooling: str = field(default="mean", metadata={"help": "token pooling for the NMI", "choices": list(POOLINGS)})
+    normalize_nmi: bool = field(default=False, metadata={"help": "L2-normalise pooled features before k-means"})
+
+
+def run_diagnostics(args: DiagnosticsArguments) -> dict[str, Any]:
+    """Diagnostics of ``args.model`` on ``args.data``: printed, and written to ``args.output`` as diagnostics.json
+    and diagnostics.png.
+
+    Raises:
+        FileExistsError: when the output folder is not empty and ``args.overwrite`` is not set.
+    """
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
-        parser.error(f"output directory {output} is not empty; pass --overwrite to write into it")
-
+        raise FileExistsError(f"output directory {output} is not empty; pass --overwrite to write into it")
     model, processor = load_model_and_processor(args.model, args.device, attn_implementation="eager")
     dataset = load_eval_dataset(args.data, args.max_samples)
     results = collect_diagnostics(
@@ -66,6 +76,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot_path = plot_diagnostics(results, output / "diagnostics.png")
     print(f"wrote {output / 'diagnostics.json'} and {plot_path}")
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """CLI: diagnostics of a saved MS-CLIP model on paired image-caption data (exit status 2 on a refused output)."""
+    parser = HfArgumentParser(
+        DiagnosticsArguments, description="Modality gap, per-layer modality NMI and attention similarity"
+    )
+    (args,) = parser.parse_args_into_dataclasses(list(argv) if argv is not None else sys.argv[1:])
+    try:
+        return run_diagnostics(args)
+    except FileExistsError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from modeling_msclip.pretraining_msclip import run_pretraining  # noqa: E402
-from training.run_pretrain import parse_arguments  # noqa: E402
+from training.run_pretrain import parse_arguments, run_pretraining  # noqa: E402
 
 
 class StallInForward(TrainerCallback):

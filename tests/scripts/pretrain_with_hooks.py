@@ -20,9 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from modeling_msclip.pretraining_msclip import run_pretraining  # noqa: E402
 from modeling_msclip.trainer_msclip import is_shared_parameter  # noqa: E402
-from training.run_pretrain import parse_arguments  # noqa: E402
+from training.run_pretrain import parse_arguments, run_pretraining  # noqa: E402
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
