@@ -73,3 +73,16 @@ def test_the_library_parses_no_command_line_and_imports_no_script():
             continue
         offenders += [f"{path.name} uses {name}" for name in COMMAND_LINE_NAMES if name in text]
     assert offenders == []
+
+
+def test_the_library_defines_no_argument_dataclass_of_a_script():
+    # The scripts own their arguments; the library's only ones extend transformers' TrainingArguments (the trainer's
+    # options are part of the trainer, as in transformers).
+    allowed = {"MSClipTrainingArguments", "OutputArguments"}
+    defined = {
+        f"{path.name}:{node.name}"
+        for path in sorted(PACKAGE.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Arguments") and node.name not in allowed
+    }
+    assert defined == set()
