@@ -42,7 +42,7 @@ def prepare(root: Path, preset: str, image_size: int) -> None:
         train_msclip_tokenizer,
     )
     from modeling_msclip.pretraining_msclip import align_text_config_with_tokenizer
-    from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
+    from processing.shapes_dataset import ShapesConfig, write_shapes_dataset
 
     write_shapes_dataset(
         root / "shapes", num_train=64, num_validation=8, num_test=8, config=ShapesConfig(image_size=image_size)

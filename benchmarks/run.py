@@ -614,7 +614,7 @@ def _write_demo_shards(folder: Path, num_records: int, image_size: int, num_shar
     import io
 
     from modeling_msclip.data_msclip import WebDatasetShardWriter
-    from modeling_msclip.shapes_dataset import generate_examples
+    from processing.shapes_dataset import generate_examples
     from training.demo import demo_shapes_config
 
     captions = []

@@ -35,6 +35,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_processing_base import ImageProcessingMixin
 
 # One RGB conversion for training, evaluation and the processor (every PIL mode; see docs/data.md, "Image modes").
 from .image_processing_msclip import convert_image_to_rgb
@@ -385,6 +386,12 @@ def _size_to_height_width(size: Any) -> tuple[int, int]:
     raise ValueError(f"Cannot read an output size (height and width, or shortest_edge) from {size!r}")
 
 
+def _processor_output_size(image_processor: Any) -> tuple[int, int]:
+    """``(height, width)`` of an image processor's output: its ``crop_size``, or ``size`` when it does not crop."""
+    uses_crop = getattr(image_processor, "do_center_crop", True) and getattr(image_processor, "crop_size", None)
+    return _size_to_height_width(image_processor.crop_size if uses_crop else image_processor.size)
+
+
 def _three_floats(values: Any, name: str) -> np.ndarray:
     array = np.asarray(values if not isinstance(values, (int, float)) else [values] * 3, dtype=np.float32)
     if array.shape != (3,):
@@ -455,10 +462,8 @@ class TrainImageTransform:
         The output size is the processor's ``crop_size`` (or ``size`` when it does not centre-crop), so training
         and evaluation images have the same shape. Keyword arguments override the processor's values.
         """
-        uses_crop = getattr(image_processor, "do_center_crop", True) and getattr(image_processor, "crop_size", None)
-        size = image_processor.crop_size if uses_crop else image_processor.size
         options = {
-            "size": _size_to_height_width(size),
+            "size": _processor_output_size(image_processor),
             "mean": image_processor.image_mean,
             "std": image_processor.image_std,
             "rescale_factor": getattr(image_processor, "rescale_factor", 1 / 255),
@@ -526,82 +531,51 @@ class TrainImageTransform:
         )
 
 
-class EvalImageTransform:
-    """Evaluation preprocessing: bicubic resize of the shortest side, centre crop, normalisation.
+class ImageProcessorTransform:
+    """The evaluation (no-augmentation) transform: an image processor applied to one image.
 
-    Given an image processor it simply calls it, so evaluation uses exactly the processor's pixels. Without one
-    it runs the same steps with PIL and numpy (``size`` is the shortest side after resizing, ``crop_size`` the
-    output, the crop offset rounded like torchvision's ``CenterCrop``), which matches ``MSClipImageProcessor``.
+    The collators and the other per-image callers take ``PIL image -> (3, height, width) tensor``; this adapts any
+    transformers image processor (``MSClipImageProcessor``: bicubic resize of the shortest edge, centre crop,
+    normalisation) to that, so evaluation pixels are the processor's own, computed by it. `ImageTextCollator` and
+    `ImageClassificationCollator` also take an image processor directly and wrap it in this class.
     """
 
-    def __init__(
-        self,
-        image_processor: Any = None,
-        *,
-        size: int | None = None,
-        crop_size: int | tuple[int, int] | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        resample: int = Image.Resampling.BICUBIC,
-        rescale_factor: float = 1 / 255,
-    ) -> None:
-        """Wrap an image processor, or configure the PIL pipeline (then ``size``, ``mean`` and ``std`` are needed).
-
-        Args:
-            image_processor: any transformers image processor (e.g. ``MSClipImageProcessor``).
-            size: shortest side after the resize (PIL pipeline only).
-            crop_size: centre-crop output, an int or ``(height, width)``; defaults to ``size``.
-            mean: per-channel mean.
-            std: per-channel standard deviation.
-            resample: PIL resampling filter.
-            rescale_factor: multiplies the uint8 pixels before normalisation.
-        """
-        if image_processor is not None and not callable(image_processor):
+    def __init__(self, image_processor: Any) -> None:
+        """Wrap ``image_processor`` (an instance of a transformers image processor)."""
+        if not isinstance(image_processor, ImageProcessingMixin):
+            # Caught here, not in the data-loader workers, where it would fail on every record.
             raise TypeError(
-                f"EvalImageTransform's first argument is an image processor, got {image_processor!r}; for the PIL "
-                "pipeline pass size=, mean= and std= by name"
+                f"ImageProcessorTransform takes a transformers image processor (e.g. MSClipImageProcessor), got "
+                f"{image_processor!r}; a per-image callable is used as a transform as it is"
             )
         self.image_processor = image_processor
-        if image_processor is not None:
-            return
-        if size is None or mean is None or std is None:
-            raise ValueError("EvalImageTransform needs an image_processor, or size, mean and std")
-        self.shortest_edge = int(size)
-        self.crop_size = _size_to_height_width(crop_size if crop_size is not None else size)
-        if max(self.crop_size) > self.shortest_edge:
-            raise ValueError(f"crop_size {self.crop_size} must not exceed the resized shortest side {size}")
-        self.mean = _three_floats(mean, "mean")
-        self.std = _three_floats(std, "std")
-        self.resample = resample
-        self.rescale_factor = rescale_factor
 
     @property
     def output_size(self) -> tuple[int, int]:
         """``(height, width)`` of the produced tensors."""
-        if self.image_processor is None:
-            return self.crop_size
-        processor = self.image_processor
-        uses_crop = getattr(processor, "do_center_crop", True) and getattr(processor, "crop_size", None)
-        return _size_to_height_width(processor.crop_size if uses_crop else processor.size)
+        return _processor_output_size(self.image_processor)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Preprocess one PIL image into a ``(3, height, width)`` tensor."""
-        image = convert_image_to_rgb(image)
-        if self.image_processor is not None:
-            return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        width, height = image.size
-        # Same rounding as transformers' get_resize_output_image_size(default_to_square=False).
-        if width <= height:
-            new_width, new_height = self.shortest_edge, int(self.shortest_edge * height / width)
-        else:
-            new_width, new_height = int(self.shortest_edge * width / height), self.shortest_edge
-        image = image.resize((new_width, new_height), resample=self.resample)
-        crop_height, crop_width = self.crop_size
-        # Offsets rounded like torchvision's CenterCrop, as MSClipImageProcessor (and the official evaluation) do.
-        top = int(round((new_height - crop_height) / 2.0))
-        left = int(round((new_width - crop_width) / 2.0))
-        image = image.crop((left, top, left + crop_width, top + crop_height))
-        return normalize_image(image, self.mean, self.std, self.rescale_factor)
+        # convert_image_to_rgb first: a processor other than MSClipImageProcessor (e.g. CLIP's) would convert
+        # high-bit-depth and transparent images by its own rules, not the project's.
+        return self.image_processor(images=convert_image_to_rgb(image), return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"ImageProcessorTransform({type(self.image_processor).__name__})"
+
+
+def as_image_transform(transform_or_processor: Any) -> Callable[[Image.Image], torch.Tensor]:
+    """A per-image transform from a transformers image processor (wrapped in `ImageProcessorTransform`) or from a
+    callable ``PIL image -> (3, height, width) tensor`` (returned as it is)."""
+    if isinstance(transform_or_processor, ImageProcessingMixin):
+        return ImageProcessorTransform(transform_or_processor)
+    if not callable(transform_or_processor):
+        raise TypeError(
+            f"image_transform must be an image processor or a callable taking one PIL image, got "
+            f"{transform_or_processor!r}"
+        )
+    return transform_or_processor
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -656,7 +630,7 @@ class ImageTextCollator:
     def __init__(
         self,
         tokenizer: Any,
-        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_transform: Callable[[Image.Image], torch.Tensor] | ImageProcessingMixin,
         *,
         image_column: str = "image",
         text_column: str = "text",
@@ -673,8 +647,8 @@ class ImageTextCollator:
 
         Args:
             tokenizer: a transformers tokenizer (e.g. ``MSClipTokenizer``).
-            image_transform: maps an RGB PIL image to a ``(3, H, W)`` tensor (`TrainImageTransform`,
-                `EvalImageTransform`, ...).
+            image_transform: maps an RGB PIL image to a ``(3, H, W)`` tensor (`TrainImageTransform`, ...), or an
+                image processor, used through `ImageProcessorTransform` (evaluation preprocessing).
             image_column: record key of the image.
             text_column: record key of the caption (a string or a list of strings).
             padding: True / "longest" pads to the longest caption of the batch; "max_length" pads to `max_length`.
@@ -697,7 +671,7 @@ class ImageTextCollator:
         if caption_choice not in ("random", "first"):
             raise ValueError(f"caption_choice must be 'random' or 'first', got {caption_choice!r}")
         self.tokenizer = tokenizer
-        self.image_transform = image_transform
+        self.image_transform = as_image_transform(image_transform)
         self.image_column = image_column
         self.text_column = text_column
         self.padding = padding
@@ -817,14 +791,14 @@ class ImageClassificationCollator:
 
     def __init__(
         self,
-        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_transform: Callable[[Image.Image], torch.Tensor] | ImageProcessingMixin,
         *,
         image_column: str = "image",
         label_column: str = "label",
         stats: DataStats | None = None,
     ) -> None:
         """Configure the collator (see `ImageTextCollator` for the arguments)."""
-        self.image_transform = image_transform
+        self.image_transform = as_image_transform(image_transform)
         self.image_column = image_column
         self.label_column = label_column
         self.stats = stats if stats is not None else DataStats()

@@ -17,13 +17,12 @@ Conventions shared by every metric (see docs/evaluation.md for the exact definit
   at least as high as the right one. A collapsed model (all scores equal) therefore scores 0, never 100 %.
 * Every metric is a fraction in [0, 1].
 
-Command line (data in any format `load_eval_dataset` reads, i.e. `data_msclip.load_dataset`: class folders, image
-folders with ``metadata.jsonl``, CSV/TSV/JSONL/Parquet, webdataset shards, `Dataset.save_to_disk` folders, Hub
-datasets; ``--format`` / ``--zero-shot-format`` / ... name the format instead of detecting it; ``--shapes-data``
-takes the embedded shapes dataset)::
+The command line is ``training/run_evaluation.py`` in the repository (data in any format `load_eval_dataset`
+reads, i.e. `data_msclip.load_dataset`: class folders, image folders with ``metadata.jsonl``, CSV/TSV/JSONL/Parquet,
+webdataset shards, `Dataset.save_to_disk` folders, Hub datasets)::
 
-    python -m modeling_msclip.evaluation_msclip --model DIR --zero-shot-data DIR --retrieval-data DIR \
-        --linear-probe-train DIR --linear-probe-test DIR --shapes-data DIR --output results.json
+    python training/run_evaluation.py --model DIR --zero-shot-data DIR --retrieval-data DIR \
+        --linear-probe-train DIR --linear-probe-test DIR --output results.json
 """
 
 from __future__ import annotations
@@ -1137,9 +1136,6 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-TEXT_TASK_OPTIONS = ("--zero-shot-data", "--retrieval-data", "--shapes-data")
-
-
 def is_image_classifier_checkpoint(model_dir: str | os.PathLike) -> bool:
     """Whether a saved folder is an `MSClipForImageClassification` (its config's ``architectures``)."""
     from .configuration_msclip import MSClipConfig
@@ -1148,7 +1144,7 @@ def is_image_classifier_checkpoint(model_dir: str | os.PathLike) -> bool:
 
 
 def image_classifier_refusal(
-    model_dir: str | os.PathLike, tasks: str = "zero-shot, retrieval and the shapes tasks"
+    model_dir: str | os.PathLike, tasks: str = "zero-shot classification and retrieval"
 ) -> str:
     """Why a fine-tuned classifier cannot be evaluated on ``tasks``, and what to do instead."""
     return (
@@ -1198,8 +1194,7 @@ class ClassifierImageFeatures(torch.nn.Module):
         self.classifier = classifier
 
     def get_image_features(self, pixel_values: torch.Tensor) -> Any:
-        model = self.classifier
-        return model.vision_model(model.encoder, pixel_values, post_layernorm=model.head_layer_norm)
+        return self.classifier.pooled_image_features(pixel_values)
 
 
 def load_image_classifier_features(
@@ -1286,70 +1281,3 @@ def load_eval_dataset(
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.shuffle(seed=0).select(range(max_samples))
     return dataset
-
-
-def evaluate_shapes_dataset(
-    model: torch.nn.Module,
-    processor: Any,
-    root: str | os.PathLike,
-    *,
-    split: str = "test",
-    tasks: Sequence[str] | None = None,
-    batch_size: int = 64,
-    max_samples: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Zero-shot classification on every task of the embedded shapes dataset, and retrieval, on one split.
-
-    Each image is encoded once. Every task of `shapes_dataset.ZERO_SHOT_TASKS` uses its own class names, prompt
-    templates and label column (images whose label is -1, i.e. two-object scenes, are left out of that task). On
-    the colour+shape task the images of held-out colour x shape pairs (never seen in training) and of seen pairs
-    are also scored apart, as ``zeroshot_color_shape_held_out_pairs`` / ``zeroshot_color_shape_seen_pairs``.
-
-    Returns:
-        ``{"zeroshot_<task>": zero_shot_metrics, ..., "retrieval": retrieval_metrics}``, each with ``num_skipped``.
-    """
-    from .shapes_dataset import ZERO_SHOT_TASKS, load_shapes_info
-
-    load_shapes_info(root)  # fails clearly when root is not a shapes dataset
-    tasks = list(tasks) if tasks else list(ZERO_SHOT_TASKS)
-    unknown = sorted(set(tasks) - set(ZERO_SHOT_TASKS))
-    if unknown:
-        raise ValueError(f"unknown shapes task(s) {unknown}; choose from {sorted(ZERO_SHOT_TASKS)}")
-    dataset = load_eval_dataset(root, max_samples, split=split, purpose="retrieval")
-    label_columns = [ZERO_SHOT_TASKS[name].label_column for name in tasks]
-
-    def extract(row: Mapping[str, Any]) -> dict[str, Any]:
-        labels = {column: int(row[column]) for column in label_columns}
-        return {"labels": labels, "held_out": bool(row.get("held_out_pair")), "captions": _captions_of(row["text"])}
-
-    tokenizer, image_preprocess = split_processor(processor)
-    image_embeds, rows, num_skipped = _encode_dataset_images(
-        model, image_preprocess, dataset, "image", extract, batch_size
-    )
-    if image_embeds is None:
-        raise ValueError(f"no usable records in {root}/{split} ({num_skipped} skipped)")
-    results: dict[str, dict[str, Any]] = {}
-    for name in tasks:
-        task = ZERO_SHOT_TASKS[name]
-        labels = torch.tensor([row["labels"][task.label_column] for row in rows])
-        held_out = torch.tensor([row["held_out"] for row in rows])
-        classifier = build_zero_shot_classifier(model, tokenizer, task.class_names, task.templates, batch_size)
-        subsets = {f"zeroshot_{name}": labels >= 0}
-        if name == "color_shape":
-            subsets[f"zeroshot_{name}_seen_pairs"] = (labels >= 0) & ~held_out
-            subsets[f"zeroshot_{name}_held_out_pairs"] = (labels >= 0) & held_out
-        for key, keep in subsets.items():
-            if keep.any():
-                metrics = zero_shot_metrics(
-                    image_embeds[keep], classifier, labels[keep], class_names=list(task.class_names)
-                )
-                results[key] = {**metrics, "num_skipped": num_skipped}
-    texts = [caption for row in rows for caption in row["captions"]]
-    owners = [index for index, row in enumerate(rows) for _ in row["captions"]]
-    if texts:
-        text_embeds = encode_texts(model, tokenizer, texts, batch_size=batch_size)
-        results["retrieval"] = {
-            **retrieval_metrics(image_embeds, text_embeds, torch.tensor(owners)),
-            "num_skipped": num_skipped,
-        }
-    return results

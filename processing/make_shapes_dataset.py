@@ -6,7 +6,7 @@ Usage::
         [--num-validation 500] [--image-size 64] [--seed 0] [--format imagefolder|webdataset] \
         [--samples-per-shard 1000] [--two-object-probability 0.3] [--overwrite]
 
-See modeling_msclip/shapes_dataset.py and docs/data.md for the content and the splits.
+See processing/shapes_dataset.py and docs/data.md for the content and the splits.
 """
 
 import argparse
@@ -14,11 +14,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-try:
-    from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
-except ModuleNotFoundError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
+# Run as a file, sys.path[0] is processing/ itself: the repository root makes `processing` (and, in a checkout
+# without `pip install -e .`, `modeling_msclip`) importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from processing.shapes_dataset import ShapesConfig, write_shapes_dataset  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,12 @@
 """Tests of the image-text data pipeline: every source format with a corrupt image and an empty caption in it,
-skip-and-count across DataLoader workers, transforms against the image processor, the webdataset writer, the
-embedded shapes dataset and the Fashion-MNIST idx recipe.
+skip-and-count across DataLoader workers, transforms against the image processor, the webdataset writer and the
+Fashion-MNIST idx recipe. The demo's shapes dataset has its own tests (test_shapes_dataset.py).
 """
 
 import gzip
-import importlib.util
+import importlib
 import io
 import json
-import math
 import multiprocessing
 import struct
 import tarfile
@@ -23,8 +22,8 @@ from PIL import Image
 
 from modeling_msclip.data_msclip import (
     DataStats,
-    EvalImageTransform,
     ImageClassificationCollator,
+    ImageProcessorTransform,
     ImageTextCollator,
     TrainImageTransform,
     decode_image,
@@ -37,36 +36,15 @@ from modeling_msclip.data_msclip import (
     write_webdataset,
 )
 from modeling_msclip.image_processing_msclip import MSClipImageProcessor
-from modeling_msclip.shapes_dataset import (
-    COLORS,
-    CROSS_ARM_RATIO,
-    CROSS_HALF_WIDTH,
-    DEFAULT_HELD_OUT_PAIRS,
-    SHAPES,
-    SIZES,
-    SQUARE_HALF_SIDE,
-    STAR_INNER_RATIO,
-    STAR_OUTER_RADIUS,
-    TRIANGLE_CIRCUMRADIUS,
-    ZERO_SHOT_TASKS,
-    ShapesConfig,
-    generate_examples,
-    sample_scene,
-    write_shapes_dataset,
-)
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 COLOR_OF = {0: (200, 30, 30), 1: (30, 200, 30), 2: (30, 30, 200), 3: (200, 200, 30), 4: (30, 200, 200)}
 
 
 def _load_script(name: str):
-    """Import a processing/ script as a module (processing/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"processing_{name}", REPO_ROOT / "processing" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import a processing/ script (``main`` is its command line)."""
+    return importlib.import_module(f"processing.{name}")
 
 
 def _image(index: int, size: tuple[int, int] = (12, 10)) -> Image.Image:
@@ -79,19 +57,23 @@ def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def _reference_pixels(image: Image.Image) -> torch.Tensor:
-    """What EvalImageTransform(size=8) must give: hand-written resize/crop/normalise with PIL and numpy."""
+def _reference_pixels(image: Image.Image, size: int = 8, mean=MEAN, std=STD) -> torch.Tensor:
+    """What the evaluation transform must give: hand-written bicubic shortest-side resize, centre crop (offset rounded
+    like torchvision's CenterCrop) and normalisation with PIL and numpy."""
     width, height = image.size
     short = min(width, height)
-    new_size = (int(8 * width / short), int(8 * height / short))
+    new_size = (int(size * width / short), int(size * height / short))
     resized = image.convert("RGB").resize(new_size, Image.Resampling.BICUBIC)
-    left, top = round((new_size[0] - 8) / 2), round((new_size[1] - 8) / 2)
-    array = np.asarray(resized.crop((left, top, left + 8, top + 8)), dtype=np.float64) / 255
-    array = (array - np.array(MEAN)) / np.array(STD)
+    left, top = round((new_size[0] - size) / 2), round((new_size[1] - size) / 2)
+    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float64) / 255
+    array = (array - np.array(mean)) / np.array(std)
     return torch.tensor(array.transpose(2, 0, 1), dtype=torch.float32)
 
 
-EVAL_TRANSFORM = EvalImageTransform(size=8, mean=MEAN, std=STD)
+# The evaluation transform of these tests: the image processor at 8 px with the tests' mean and std.
+EVAL_TRANSFORM = ImageProcessorTransform(
+    MSClipImageProcessor.from_preset(image_size=8, image_mean=list(MEAN), image_std=list(STD))
+)
 
 
 @pytest.fixture(scope="module")
@@ -450,15 +432,21 @@ def test_extract_caption_and_decode_image_edge_cases(tmp_path):
 
 
 @pytest.mark.parametrize("size", [(40, 30), (30, 37), (16, 16), (29, 50)])
-def test_eval_transform_matches_the_image_processor(size):
+def test_eval_transform_is_the_image_processor(size):
     processor = MSClipImageProcessor.from_preset(image_size=16)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    with_processor = EvalImageTransform(processor)(image)
-    standalone = EvalImageTransform(size=16, mean=processor.image_mean, std=processor.image_std)(image)
+    transform = ImageProcessorTransform(processor)
+    pixels = transform(image)
     reference = processor(images=image, return_tensors="pt")["pixel_values"][0]
-    assert with_processor.shape == (3, 16, 16)
-    assert_close_to_scale(with_processor, reference, 1e-5, "transform built from the processor")
-    assert_close_to_scale(standalone, reference, 1e-5, "standalone transform")
+    assert pixels.shape == (3, 16, 16) and transform.output_size == (16, 16)
+    assert torch.equal(pixels, reference)
+    # A collator given the processor itself uses it the same way.
+    batch = ImageClassificationCollator(processor)([{"image": image, "label": 0}])
+    assert torch.equal(batch["pixel_values"][0], reference)
+    # And the processor is the evaluation pipeline written out by hand, including the sizes where rounding and
+    # flooring the crop offset differ ((29, 50): an excess of 3 pixels over 4).
+    by_hand = _reference_pixels(image, 16, processor.image_mean, processor.image_std)
+    assert_close_to_scale(pixels, by_hand, 1e-5, "processor against the hand-written pipeline")
 
 
 def test_train_transform_reads_the_processor_and_crops_within_bounds():
@@ -544,175 +532,6 @@ def test_write_webdataset_script(tmp_path, capsys):
     assert "skipped 4 (corrupt or unreadable image 2, empty caption 2)" in capsys.readouterr().out
     assert script.main(["--input", str(path), "--output", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shapes dataset
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _expected_shape_signature(shape: str) -> tuple[float, float, float]:
-    """(area / bounding-box area, vertical centroid offset / box height, box width / radius) from the geometry."""
-    if shape == "circle":
-        return math.pi / 4, 0.0, 2.0
-    if shape == "square":
-        return 1.0, 0.0, 2 * SQUARE_HALF_SIDE
-    if shape == "triangle":  # apex up: the box spans R above the centre to R/2 below it
-        return 0.5, 1 / 6, math.sqrt(3) * TRIANGLE_CIRCUMRADIUS
-    if shape == "star":
-        sin36, sin72, cos36 = (math.sin(math.radians(36)), math.sin(math.radians(72)), math.cos(math.radians(36)))
-        area = 5 * STAR_INNER_RATIO * sin36  # ten triangles of sides R and kR at 36 degrees, per R^2
-        box_height = 1 + cos36
-        return area / (2 * sin72 * box_height), (1 - box_height / 2) / box_height, 2 * sin72 * STAR_OUTER_RADIUS
-    a = CROSS_ARM_RATIO
-    return 2 * a - a * a, 0.0, 2 * CROSS_HALF_WIDTH
-
-
-def _coverage(pixels: np.ndarray, color_name: str, region: np.ndarray) -> np.ndarray:
-    """Fraction of each pixel covered by the object of that colour (0 = background, 1 = object), in `region`."""
-    background = np.median(pixels[0], axis=0)  # objects never touch the border
-    palette = np.array(COLORS[color_name], dtype=np.float64)
-    rough = (np.linalg.norm(pixels - palette, axis=-1) < np.linalg.norm(palette - background) / 2) & region
-    color = np.median(pixels[rough], axis=0)  # the object's own (jittered) colour
-    direction = color - background
-    coverage = np.clip((pixels - background) @ direction / (direction @ direction), 0, 1)
-    ys, xs = np.nonzero(rough)
-    near = np.zeros_like(region)
-    near[max(ys.min() - 2, 0) : ys.max() + 3, max(xs.min() - 2, 0) : xs.max() + 3] = True
-    coverage = coverage * (near & region)
-    coverage[coverage < 0.1] = 0.0  # background noise
-    return coverage
-
-
-def _measure_objects(image: Image.Image, row: dict) -> list[dict]:
-    """Find every described object in the pixels: its colour, horizontal position, size and shape."""
-    pixels = np.asarray(image, dtype=np.float64)
-    side = pixels.shape[0]
-    found = []
-    for obj in row["objects"]:
-        region = np.ones((side, side), dtype=bool)
-        if row["num_objects"] == 2:  # the two objects sit in different halves
-            region[:, side // 2 :] = obj["position"] == "right"
-            region[:, : side // 2] = obj["position"] == "left"
-        coverage = _coverage(pixels, obj["color"], region)
-        mean_rgb = (pixels * coverage[..., None]).sum(axis=(0, 1)) / coverage.sum()
-        nearest = min(COLORS, key=lambda name: np.linalg.norm(mean_rgb - np.array(COLORS[name])))
-        # Sub-pixel extents: the sum over columns (rows) of the largest coverage in each.
-        column_profile, row_profile = coverage.max(axis=0), coverage.max(axis=1)
-        width, height = column_profile.sum(), row_profile.sum()
-        rows = np.nonzero(row_profile)[0]
-        top, bottom = rows[0] + 1 - row_profile[rows[0]], rows[-1] + row_profile[rows[-1]]
-        centroid_y = (coverage.sum(axis=1) * (np.arange(side) + 0.5)).sum() / coverage.sum()
-        centroid_x = (coverage.sum(axis=0) * (np.arange(side) + 0.5)).sum() / coverage.sum()
-        fill = coverage.sum() / (width * height)
-        offset = (centroid_y - (top + bottom) / 2) / height
-
-        def distance(shape, fill=fill, offset=offset):
-            expected_fill, expected_offset, _ = _expected_shape_signature(shape)
-            return abs(expected_fill - fill) + abs(expected_offset - offset)
-
-        shape = min(SHAPES, key=distance)
-        radius = width / _expected_shape_signature(shape)[2] / side
-        size = min(SIZES, key=lambda name: abs(SIZES[name] - radius))
-        found.append({"color": nearest, "x": centroid_x / side, "shape": shape, "size": size})
-    return found
-
-
-def test_shapes_captions_match_the_drawn_pixels():
-    config = ShapesConfig(image_size=128, two_object_probability=0.5)
-    for image, row in generate_examples("train", 40, config):
-        measured = _measure_objects(image, row)
-        for obj, seen in zip(row["objects"], measured):
-            assert seen["color"] == obj["color"] and seen["shape"] == obj["shape"] and seen["size"] == obj["size"]
-            assert obj["color"] in row["text"] and obj["shape"] in row["text"]
-        if row["num_objects"] == 1:
-            low, high = {"left": (0.15, 0.35), "center": (0.4, 0.6), "right": (0.65, 0.85)}[row["position"]]
-            assert low < measured[0]["x"] < high
-            assert f"{row['color']} {row['shape']}" in row["text"]
-            if any(word in row["text"] for word in ("left", "middle", "right")):
-                expected = {"left": "on the left", "center": "in the middle", "right": "on the right"}
-                assert row["text"].endswith(expected[row["position"]])
-        else:
-            assert measured[0]["x"] < 0.5 < measured[1]["x"]
-            left, right = (f"{o['color']} {o['shape']}" for o in row["objects"])
-            text = row["text"]
-            if "to the left of" in text or " and " in text:
-                assert text.index(left) < text.index(right)
-            else:
-                assert "to the right of" in text and text.index(right) < text.index(left)
-
-
-def test_shapes_splits_are_deterministic_and_hold_out_pairs():
-    config = ShapesConfig()
-    assert sample_scene("train", 7, config) == sample_scene("train", 7, ShapesConfig())
-    assert sample_scene("train", 7, config) != sample_scene("train", 7, ShapesConfig(seed=1))
-    first = [np.asarray(image) for image, _ in generate_examples("validation", 3, config)]
-    again = [np.asarray(image) for image, _ in generate_examples("validation", 3, config)]
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
-    held_out = set(DEFAULT_HELD_OUT_PAIRS)
-    for split in ("train", "validation"):
-        for index in range(400):
-            scene = sample_scene(split, index, config)
-            assert not any((obj.shape, obj.color) in held_out for obj in scene.objects)
-    test_pairs = [
-        (scene.objects[0].shape, scene.objects[0].color, scene.held_out_pair)
-        for scene in (sample_scene("test", index, config) for index in range(200))
-    ]
-    assert all((shape, color) in held_out for shape, color, flag in test_pairs if flag)
-    assert all((shape, color) not in held_out for shape, color, flag in test_pairs if not flag)
-    assert 60 < sum(flag for *_, flag in test_pairs) < 140
-    # Every shape and every colour still appears in training.
-    assert {s for s, _ in config.seen_pairs()} == set(SHAPES) and {c for _, c in config.seen_pairs()} == set(COLORS)
-    with pytest.raises(ValueError, match="Held-out pair"):
-        ShapesConfig(held_out_pairs=(("hexagon", "red"),))
-
-
-def test_shapes_dataset_on_disk_in_both_formats(tmp_path, tokenizer, cache_dir):
-    config = ShapesConfig(image_size=32)
-    folder = write_shapes_dataset(tmp_path / "folder", num_train=6, num_validation=0, num_test=5, config=config)
-    shards = write_shapes_dataset(
-        tmp_path / "shards",
-        num_train=6,
-        num_validation=0,
-        num_test=5,
-        config=config,
-        data_format="webdataset",
-        samples_per_shard=4,
-    )
-    assert sorted(p.name for p in (shards / "train").iterdir()) == ["000000.tar", "000001.tar"]
-    info = json.loads((folder / "shapes_info.json").read_text())
-    assert info["splits"] == {"train": 6, "test": 5} and info["held_out_pairs"][0] == ["circle", "blue"]
-    test_split = load_image_text_dataset(folder, split="test", cache_dir=cache_dir)
-    test_shards = load_image_text_dataset(shards, split="test", cache_dir=cache_dir)
-    assert test_split["text"] == test_shards["text"]
-    assert [record["shape_label"] for record in test_shards["json"]] == test_split["shape_label"]
-    for record in test_split:
-        image = decode_image(record["image"])
-        assert image.size == (32, 32)
-        assert ZERO_SHOT_TASKS["color_shape"].class_names[record["color_shape_label"]] == (
-            f"{record['color']} {record['shape']}"
-        )
-        assert SHAPES[record["shape_label"]] == record["shape"]
-    batch = ImageTextCollator(tokenizer, TrainImageTransform(32, MEAN, STD))(
-        list(load_image_text_dataset(folder, split="train", cache_dir=cache_dir))
-    )
-    assert batch["pixel_values"].shape == (6, 3, 32, 32)
-    script = _load_script("make_shapes_dataset")
-    assert script.main(["--output", str(folder), "--num-train", "2", "--num-test", "1"]) == 2
-    (folder / "mine.txt").write_text("keep me")
-    arguments = ["--output", str(folder), "--num-train", "2", "--num-validation", "1", "--num-test", "1"]
-    assert script.main([*arguments, "--overwrite"]) == 0
-    assert len(list((folder / "train").glob("*.png"))) == 2 and (folder / "mine.txt").read_text() == "keep me"
-
-
-def test_zero_shot_tasks_are_well_formed():
-    for name, task in ZERO_SHOT_TASKS.items():
-        assert task.label_column == f"{name}_label"
-        for index in range(len(task.class_names)):
-            prompts = task.prompts(index)
-            assert len(prompts) == len(task.templates) and all("{" not in p for p in prompts)
-            assert all(task.class_names[index] in prompt for prompt in prompts)
-            assert not any(" a orange" in prompt or prompt.startswith("a orange") for prompt in prompts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -873,8 +692,12 @@ def test_pretraining_prescan_counts_each_bad_record_once_across_ranks(tmp_path, 
     assert all(value == 0 for value in counts[1].values())
 
 
-def test_eval_transform_refuses_a_size_where_the_processor_goes():
-    """``EvalImageTransform(32)`` (a size in the processor's place) failed only when called, inside the data loader
-    workers, as "'int' object is not callable" on every record."""
-    with pytest.raises(TypeError, match="first argument is an image processor, got 32.*size=, mean= and std="):
-        EvalImageTransform(32)
+def test_eval_transform_refuses_a_size_where_the_processor_goes(tokenizer):
+    """A size in the processor's place failed only when called, inside the data loader workers, as "'int' object is
+    not callable" on every record: the transform and the collators refuse it when built."""
+    with pytest.raises(TypeError, match="takes a transformers image processor .*got 32"):
+        ImageProcessorTransform(32)
+    with pytest.raises(TypeError, match="image_transform must be an image processor or a callable.*got 32"):
+        ImageTextCollator(tokenizer, 32)
+    with pytest.raises(TypeError, match="image_transform must be an image processor or a callable"):
+        ImageClassificationCollator(None)

@@ -429,11 +429,11 @@ def test_every_image_mode_becomes_the_expected_rgb(tmp_path, name, image, expect
 
 
 def test_sixteen_bit_is_not_white_through_the_eval_transform():
-    from modeling_msclip.data_msclip import EvalImageTransform
+    from modeling_msclip.data_msclip import ImageProcessorTransform
 
     sixteen = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
     processor = MSClipImageProcessor.from_preset("msclip", image_size=32)
-    pixels = EvalImageTransform(processor)(decode_image(Image.fromarray(sixteen)))
+    pixels = ImageProcessorTransform(processor)(decode_image(Image.fromarray(sixteen)))
     reference = processor(images=Image.fromarray((sixteen / 257).round().astype(np.uint8)), return_tensors="pt")
     assert_close_to_scale(pixels, reference["pixel_values"][0], 0.02, "16-bit gradient after the eval transform")
     assert float(pixels.std()) > 0.5  # a gradient, not a constant white image

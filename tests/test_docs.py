@@ -223,8 +223,7 @@ def _fashion_mnist_idx(inputs: TinyInputs, target: Path) -> None:
     """The four Fashion-MNIST idx files (random 28x28 images, labels 0-9 in turn), as Debian's package has them."""
     import numpy as np
 
-    sys.path.insert(0, str(REPO / "processing"))
-    from fashion_mnist import IDX_FILES
+    from processing.fashion_mnist import IDX_FILES
 
     def idx(array: np.ndarray) -> bytes:
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
@@ -407,11 +406,11 @@ def _clip_tokenizer(inputs: TinyInputs):
 
 
 def _collator(inputs: TinyInputs):
-    from modeling_msclip.data_msclip import EvalImageTransform, ImageTextCollator
+    from modeling_msclip.data_msclip import ImageTextCollator
     from modeling_msclip.image_processing_msclip import MSClipImageProcessor
 
     image_processor = MSClipImageProcessor.from_preset("msclip", image_size=32)
-    return ImageTextCollator(_tokenizer(inputs), EvalImageTransform(image_processor))
+    return ImageTextCollator(_tokenizer(inputs), image_processor)
 
 
 OBJECTS = {

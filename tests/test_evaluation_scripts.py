@@ -1,9 +1,9 @@
 """training/run_evaluation.py and the data formats the evaluation CLI reads (evaluation_msclip.load_eval_dataset).
 
-A random msclip-s-tiny model is evaluated on a tiny shapes dataset. The numbers of the one-pass shapes evaluation
-are checked against the generic `evaluate_zero_shot` / `evaluate_retrieval` on the same data, and the same images
-read from different formats (image folder vs webdataset shards, class folders vs a save_to_disk dataset) must give
-the same metrics.
+A random msclip-s-tiny model is evaluated on a tiny shapes dataset. The numbers of the shapes evaluation
+(processing/shapes_dataset.py) are checked against the generic `evaluate_zero_shot` / `evaluate_retrieval` on the
+same data loaded by the classification loader, and the same images read from different formats (image folder vs
+webdataset shards, class folders vs a save_to_disk dataset) must give the same metrics.
 """
 
 import json
@@ -19,8 +19,14 @@ from PIL import Image
 from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipModel, MSClipProcessor
 from modeling_msclip import evaluation_msclip as ev
 from modeling_msclip.data_msclip import decode_image
-from modeling_msclip.shapes_dataset import COLOR_NAMES, ZERO_SHOT_TASKS, ShapesConfig, write_shapes_dataset
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
+from processing.shapes_dataset import (
+    COLOR_NAMES,
+    ZERO_SHOT_TASKS,
+    ShapesConfig,
+    evaluate_shapes_dataset,
+    write_shapes_dataset,
+)
 from training import run_evaluation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +100,11 @@ def test_run_evaluation_script_on_shapes_writes_zero_shot_and_retrieval(saved_mo
 def test_shapes_evaluation_equals_the_generic_evaluations(saved_model, shapes_dirs):
     folder, shards = shapes_dirs
     model, processor = ev.load_model_and_processor(saved_model, "cpu")
-    shapes = ev.evaluate_shapes_dataset(model, processor, folder, tasks=["color"], batch_size=8)
+    shapes = evaluate_shapes_dataset(model, processor, folder, tasks=["color"], batch_size=8)
     assert set(shapes) == {"zeroshot_color", "retrieval"}
+    # Shards keep the labels inside each sample's JSON: refused with the reason, not scored as all-skipped.
+    with pytest.raises(ValueError, match="image-folder format"):
+        evaluate_shapes_dataset(model, processor, shards, tasks=["color"], batch_size=8)
 
     task = ZERO_SHOT_TASKS["color"]
     labelled = ev.load_eval_dataset(

@@ -35,7 +35,7 @@ def test_every_parameter_gets_a_gradient(preset, objective):
 
 
 def test_pretraining_turns_off_the_unused_parameter_search_unless_asked(tmp_path, msclip_tokenizer_dir):
-    from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
+    from processing.shapes_dataset import ShapesConfig, write_shapes_dataset
 
     write_shapes_dataset(
         tmp_path / "data", num_train=8, num_validation=2, num_test=2, config=ShapesConfig(image_size=64)

@@ -22,7 +22,7 @@ from modeling_msclip import (
     MSClipProcessor,
     train_msclip_tokenizer,
 )
-from modeling_msclip.data_msclip import EvalImageTransform, ImageTextCollator
+from modeling_msclip.data_msclip import ImageTextCollator
 
 SIZE = 64
 
@@ -205,7 +205,7 @@ def _png_bytes(mode: str) -> bytes:
 
 
 def test_fuzzed_records_never_break_the_training_collator(processor):
-    collator = ImageTextCollator(processor.tokenizer, EvalImageTransform(processor.image_processor))
+    collator = ImageTextCollator(processor.tokenizer, processor.image_processor)
     rng = random.Random(2)
     images = [
         {"bytes": _png_bytes("RGB"), "path": None},

@@ -50,7 +50,7 @@ from modeling_msclip import (
     train_msclip_tokenizer,
 )
 from modeling_msclip.pretraining_msclip import align_text_config_with_tokenizer
-from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
+from processing.shapes_dataset import ShapesConfig, write_shapes_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE
 from PIL import Image
 
 from modeling_msclip import MSClipImageProcessor, train_msclip_tokenizer
-from modeling_msclip.data_msclip import DataStats, EvalImageTransform, ImageTextCollator, WebDatasetShardWriter
+from modeling_msclip.data_msclip import DataStats, ImageTextCollator, WebDatasetShardWriter
 from modeling_msclip.streaming_msclip import (
     RESUME_MARKER_KEY,
     STREAM_INFO_KEY,
@@ -49,7 +49,7 @@ def write_shards(folder: Path, count: int, per_shard: int, prefix: str = "a") ->
 @pytest.fixture(scope="module")
 def collator():
     tokenizer = train_msclip_tokenizer(TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE)
-    return ImageTextCollator(tokenizer, EvalImageTransform(MSClipImageProcessor.from_preset("msclip", image_size=8)))
+    return ImageTextCollator(tokenizer, MSClipImageProcessor.from_preset("msclip", image_size=8))
 
 
 class CountingCollator(ImageTextCollator):

@@ -18,7 +18,6 @@ from transformers import AutoProcessor, AutoTokenizer, CLIPTokenizer, CLIPTokeni
 
 from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipProcessor, MSClipTokenizer
 from modeling_msclip.pretraining_msclip import build_model, build_model_config
-from modeling_msclip.shapes_dataset import ShapesConfig, write_shapes_dataset
 from modeling_msclip.tokenization_msclip import (
     END_OF_WORD_SUFFIX,
     build_msclip_tokenizer,
@@ -28,6 +27,7 @@ from modeling_msclip.tokenization_msclip import (
     train_clip_bpe,
     train_msclip_tokenizer,
 )
+from processing.shapes_dataset import ShapesConfig, write_shapes_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 580

@@ -12,7 +12,7 @@ import pytest
 from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE
 
 from modeling_msclip import train_msclip_tokenizer
-from modeling_msclip.shapes_dataset import COLOR_NAMES, ShapesConfig, write_shapes_dataset
+from processing.shapes_dataset import COLOR_NAMES, ShapesConfig, write_shapes_dataset
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -62,14 +62,14 @@ TASK_NAMES = {
 
 def demo_shapes_config(image_size: int = 64) -> Any:
     """The `ShapesConfig` the demo draws its data with (``DEMO_SHAPES_SETTINGS`` at ``image_size``)."""
-    from modeling_msclip.shapes_dataset import ShapesConfig
+    from processing.shapes_dataset import ShapesConfig
 
     return ShapesConfig(**{**DEMO_SHAPES_SETTINGS, "image_size": image_size})
 
 
 def prepare_data(folder: Path, num_train: int, config: Any) -> Path:
     """Draw the shapes dataset into ``folder``, or reuse the one there when it was drawn with the same settings."""
-    from modeling_msclip.shapes_dataset import load_shapes_info, write_shapes_dataset
+    from processing.shapes_dataset import load_shapes_info, write_shapes_dataset
 
     splits = {"train": num_train, **SPLIT_SIZES}
     if (folder / "shapes_info.json").is_file():
@@ -104,7 +104,7 @@ def train_tokenizer(data: Path, output: Path, vocab_size: int) -> Path:
 
 def write_task_files(run_dir: Path, task_name: str) -> tuple[Path, Path, str]:
     """Class-name and template files of a zero-shot task, for run_pretrain's zero-shot evaluation."""
-    from modeling_msclip.shapes_dataset import ZERO_SHOT_TASKS
+    from processing.shapes_dataset import ZERO_SHOT_TASKS
 
     task = ZERO_SHOT_TASKS[task_name]
     classes, templates = run_dir / f"{task_name}_classes.txt", run_dir / f"{task_name}_templates.txt"
@@ -190,10 +190,10 @@ def _save_heldout_split(data: Path, output: Path) -> None:
 
 
 def evaluate(model_dir: Path, data: Path) -> dict[str, Any]:
-    """Zero-shot accuracy of every shapes task (each test image encoded once) and retrieval, with chance levels and
-    informed baselines (``None`` where a task is compared with chance only)."""
+    """Zero-shot accuracy of every shapes task and retrieval on the test split, with chance levels and informed
+    baselines (``None`` where a task is compared with chance only)."""
     from modeling_msclip import MSClipModel, MSClipProcessor
-    from modeling_msclip.evaluation_msclip import evaluate_shapes_dataset
+    from processing.shapes_dataset import evaluate_shapes_dataset
 
     model = MSClipModel.from_pretrained(model_dir).eval()
     processor = MSClipProcessor.from_pretrained(model_dir)

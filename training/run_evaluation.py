@@ -20,17 +20,18 @@ All options: ``python training/run_evaluation.py --help``. See docs/finetuning.m
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modeling_msclip.data_msclip import FORMATS, read_nonempty_lines
-from modeling_msclip.evaluation_msclip import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `processing` importable
+
+from modeling_msclip.data_msclip import FORMATS, read_nonempty_lines  # noqa: E402
+from modeling_msclip.evaluation_msclip import (  # noqa: E402
     DEFAULT_TEMPLATES,
-    TEXT_TASK_OPTIONS,
     evaluate_linear_probe,
     evaluate_retrieval,
-    evaluate_shapes_dataset,
     evaluate_zero_shot,
     format_results_table,
     image_classifier_refusal,
@@ -40,6 +41,10 @@ from modeling_msclip.evaluation_msclip import (
     load_model_and_processor,
     save_results_json,
 )
+from processing.shapes_dataset import evaluate_shapes_dataset  # noqa: E402
+
+# The options whose evaluations need a text tower (refused for a fine-tuned image classifier).
+TEXT_TASK_OPTIONS = ("--zero-shot-data", "--retrieval-data", "--shapes-data")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -57,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--retrieval-data", help="captioned data: imagefolder with metadata.jsonl, CSV/JSONL, shards")
     parser.add_argument("--linear-probe-train", help="labelled data for fitting (same formats as --zero-shot-data)")
     parser.add_argument("--linear-probe-test", help="labelled data for scoring")
-    parser.add_argument("--shapes-data", help="the embedded shapes dataset (written by write_shapes_dataset)")
+    parser.add_argument("--shapes-data", help="the shapes dataset written by processing/make_shapes_dataset.py")
     parser.add_argument("--shapes-split", default="test", help="split of --shapes-data to evaluate (default: test)")
     parser.add_argument("--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)")
     parser.add_argument("--split", help="split of --zero-shot-data / --retrieval-data when they hold several")

@@ -37,8 +37,8 @@ from modeling_msclip.checkpointing_msclip import (  # noqa: E402
 from modeling_msclip.data_msclip import (  # noqa: E402
     FORMATS,
     DataStats,
-    EvalImageTransform,
     ImageClassificationCollator,
+    ImageProcessorTransform,
     TrainImageTransform,
     read_nonempty_lines,
 )
@@ -194,7 +194,7 @@ def run_finetuning(
         model.config.vision_config.image_size, **model_args.processor_options(), require_tokenizer=False
     )
     image_processor = getattr(processor, "image_processor", processor)
-    eval_transform = EvalImageTransform(image_processor)
+    eval_transform = ImageProcessorTransform(image_processor)
     if data_args.no_augmentation:
         train_transform = eval_transform
     else:

@@ -27,7 +27,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E4
 from modeling_msclip.checkpointing_msclip import attach_checkpointing, checkpoint_to_resume  # noqa: E402
 from modeling_msclip.data_msclip import (  # noqa: E402
     DataStats,
-    EvalImageTransform,
+    ImageProcessorTransform,
     ImageTextCollator,
     IndexedDataset,
     TrainImageTransform,
@@ -223,7 +223,7 @@ def run_pretraining(
     train_dataset, eval_dataset = build_datasets(data_args, stats, training_args)
     image_processor = processor.image_processor
     if data_args.no_augmentation:
-        train_transform = EvalImageTransform(image_processor)
+        train_transform = ImageProcessorTransform(image_processor)
     else:
         train_transform = TrainImageTransform.from_image_processor(
             image_processor, scale=(data_args.crop_scale_min, 1.0)

@@ -1,4 +1,4 @@
-"""The embedded default dataset: procedurally drawn shapes with compositional captions.
+"""The demo's dataset: procedurally drawn shapes with compositional captions, and its evaluation.
 
 Every image shows one or two flat shapes on a noisy grey background; its caption names what was drawn, e.g.
 "a large red circle on the left" or "a small blue star to the left of an orange cross". Nothing is downloaded: the
@@ -15,7 +15,14 @@ Splits:
 `ZERO_SHOT_TASKS` lists classification tasks (shape, colour, colour+shape, size) with class names, prompt templates
 and the label column of the test split. `write_shapes_dataset` writes the data as an image folder with
 ``metadata.jsonl`` (or as webdataset shards), so the demo reads it through the same loaders as user data.
+`evaluate_shapes_dataset` runs every task (and retrieval) with the library's generic evaluation functions.
+
+This is demo and test data, not part of the installed ``modeling_msclip`` package: the demo
+(``python -m training.demo``), ``processing/make_shapes_dataset.py``, ``training/run_evaluation.py --shapes-data``,
+the benchmarks and the tests import it from the repository.
 """
+
+from __future__ import annotations
 
 import io
 import json
@@ -28,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data_msclip import WebDatasetShardWriter, prepare_output_dir
+from modeling_msclip.data_msclip import WebDatasetShardWriter, prepare_output_dir
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {
@@ -468,3 +475,85 @@ def load_shapes_info(dataset_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: is {dataset_dir} a shapes dataset written by write_shapes_dataset?")
     with open(path, encoding="utf-8") as info_file:
         return json.load(info_file)
+
+
+# Tasks whose classes are colour x shape pairs: besides all test images, the images of held-out pairs (never drawn in
+# training) and of seen pairs are scored apart, which is what tells composition from memorised pairs.
+PAIR_TASKS = ("color_shape",)
+
+
+def evaluate_shapes_dataset(
+    model: Any,
+    processor: Any,
+    root: str | os.PathLike,
+    *,
+    split: str = "test",
+    tasks: Sequence[str] | None = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Zero-shot classification on every task of a written shapes dataset, and retrieval, on one split.
+
+    Every task of `ZERO_SHOT_TASKS` is `evaluation_msclip.evaluate_zero_shot` with its own class names, prompt
+    templates and label column, on the images that have that label (two-object scenes, labelled -1, are left out).
+    On the tasks of `PAIR_TASKS` the images of held-out colour x shape pairs and of seen pairs are also scored apart,
+    as ``zeroshot_<task>_held_out_pairs`` / ``zeroshot_<task>_seen_pairs``. Retrieval is
+    `evaluation_msclip.evaluate_retrieval` on the whole split. Each evaluation encodes its own images, so an image
+    is encoded once per result it counts in.
+
+    Args:
+        model: MS-CLIP (or any model with ``get_text_features`` / ``get_image_features``).
+        processor: a processor with ``.tokenizer`` and ``.image_processor``, or a ``(tokenizer, image_transform)``
+            pair.
+        root: a folder written by `write_shapes_dataset` in the image-folder format.
+        split: the split to evaluate.
+        tasks: names of `ZERO_SHOT_TASKS` to run (default: all).
+        batch_size: batch size of both encoders.
+        max_samples: evaluate a random subset of this many images (seed 0), the same one for every task.
+
+    Returns:
+        ``{"zeroshot_<task>": zero_shot_metrics, ..., "retrieval": retrieval_metrics}``; each ``num_skipped``
+        counts the unusable records among that result's images.
+    """
+    # Imported here so that drawing the data (make_shapes_dataset.py) does not load the evaluation stack.
+    from modeling_msclip.evaluation_msclip import evaluate_retrieval, evaluate_zero_shot, load_eval_dataset
+
+    load_shapes_info(root)  # fails clearly when root is not a shapes dataset
+    tasks = list(tasks) if tasks else list(ZERO_SHOT_TASKS)
+    unknown = sorted(set(tasks) - set(ZERO_SHOT_TASKS))
+    if unknown:
+        raise ValueError(f"unknown shapes task(s) {unknown}; choose from {sorted(ZERO_SHOT_TASKS)}")
+    dataset = load_eval_dataset(root, max_samples, split=split, purpose="retrieval")
+    missing = [
+        ZERO_SHOT_TASKS[name].label_column
+        for name in tasks
+        if ZERO_SHOT_TASKS[name].label_column not in dataset.column_names
+    ]
+    if missing:
+        # Webdataset shards keep the labels inside each sample's JSON, where no column can be selected on.
+        raise ValueError(
+            f"{root}/{split} has no label column(s) {missing}: the shapes evaluation reads the image-folder format "
+            "of write_shapes_dataset (metadata.jsonl columns), not webdataset shards"
+        )
+    held_out = dataset["held_out_pair"] if any(name in PAIR_TASKS for name in tasks) else None
+    results: dict[str, dict[str, Any]] = {}
+    for name in tasks:
+        task = ZERO_SHOT_TASKS[name]
+        labelled = [index for index, label in enumerate(dataset[task.label_column]) if label >= 0]
+        subsets = {f"zeroshot_{name}": labelled}
+        if name in PAIR_TASKS:
+            subsets[f"zeroshot_{name}_seen_pairs"] = [index for index in labelled if not held_out[index]]
+            subsets[f"zeroshot_{name}_held_out_pairs"] = [index for index in labelled if held_out[index]]
+        for key, indices in subsets.items():
+            if indices:  # a subset without images has no score (e.g. no held-out pair in a small split)
+                results[key] = evaluate_zero_shot(
+                    model,
+                    processor,
+                    dataset.select(indices),
+                    list(task.class_names),
+                    task.templates,
+                    label_column=task.label_column,
+                    batch_size=batch_size,
+                )
+    results["retrieval"] = evaluate_retrieval(model, processor, dataset, batch_size=batch_size)
+    return results
