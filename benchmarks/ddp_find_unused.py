@@ -1,7 +1,7 @@
 """DDP step time with ``--ddp_find_unused_parameters true`` vs the default ``false``, on 2 ranks (real launches).
 
     python -m benchmarks.ddp_find_unused                     # CPU: 2 gloo ranks, msclip-s-tiny at 64 px, 2 x 8 pairs
-    python -m benchmarks.ddp_find_unused --repetitions 3 --max-steps 60
+    python -m benchmarks.ddp_find_unused --repetitions 3 --max_steps 60
 
 Each repetition launches ``training/run_pretrain.py`` under ``accelerate launch`` (configuration/accelerate/
 multi_process.yaml) once with each setting, alternating which goes first, on the same data and initial weights.
@@ -87,10 +87,10 @@ def run(root: Path, setting: str, repetition: int, args: argparse.Namespace) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="msclip-s-tiny")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--per-device-batch", type=int, default=8)
-    parser.add_argument("--max-steps", type=int, default=40)
-    parser.add_argument("--logging-steps", type=int, default=5)
+    parser.add_argument("--image_size", "--image-size", type=int, default=64)
+    parser.add_argument("--per_device_batch", "--per-device-batch", type=int, default=8)
+    parser.add_argument("--max_steps", "--max-steps", type=int, default=40)
+    parser.add_argument("--logging_steps", "--logging-steps", type=int, default=5)
     parser.add_argument("--repetitions", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each rank")
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick                # fewer/lighter sections, no torch.compile
     python -m benchmarks.run --output results.json  # also write every number as JSON
     python -m benchmarks.run --device cuda --dtype bfloat16 --size b32   # GPU: ViT-B/32 sizes, bf16 autocast, MFU
-    python -m benchmarks.run --sections f --compile-extra   # torch.compile without graph breaks, recompile cost
+    python -m benchmarks.run --sections f --compile_extra   # torch.compile without graph breaks, recompile cost
     python -m benchmarks.run --sections ah                  # the CLIPModel comparisons only (about 2 minutes)
 
 Sections (contenders inside a section are timed interleaved, median of --repetitions):
@@ -71,7 +71,7 @@ from .setups import (
     without_padding_trim,
 )
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU when --peak-tflops is not given.
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU when --peak_tflops is not given.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 MB = 2**20
 
@@ -132,7 +132,7 @@ class Context:
     clock: str = "wall"
     compile_extra: bool = False
     compile_cache: str = "cold"
-    batch_size_override: int | None = None  # --batch-size as given (section j uses the demo's batch without it)
+    batch_size_override: int | None = None  # --batch_size as given (section j uses the demo's batch without it)
 
     @property
     def size(self):
@@ -970,7 +970,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     parser.add_argument("--size", default="small", choices=sorted(SIZES), help="model/batch sizes (see setups.SIZES)")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the size's batch size")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=None, help="override the size's batch size")
     parser.add_argument("--repetitions", type=int, default=5, help="timed repetitions per contender (median)")
     parser.add_argument(
         "--sections",
@@ -985,15 +985,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.set_num_threads; default 1 on CPU (multi-threaded timings on a shared machine swing several-fold "
         "whenever a neighbour runs), torch's default on GPU",
     )
-    parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (auto for GPUs)")
+    parser.add_argument(
+        "--peak_tflops", "--peak-tflops", type=float, default=None, help="accelerator peak for MFU (auto for GPUs)"
+    )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables for section a")
     parser.add_argument(
+        "--compile_cache",
         "--compile-cache",
         choices=["cold", "warm"],
         default="cold",
         help="section f: compile with a fresh inductor cache (cold, default) or the user's on-disk cache (warm)",
     )
     parser.add_argument(
+        "--compile_extra",
         "--compile-extra",
         action="store_true",
         help="section f: also compile without padding trimming (no graph breaks) and time a step at a new text "

@@ -3,10 +3,10 @@
 Usage:
     python processing/build_tokenizer.py --vocab bpe_simple_vocab_16e6.txt.gz --output tokenizer/ [--overwrite]
     python processing/build_tokenizer.py --vocab path/to/clip-vit-base-patch32 --output tokenizer/
-    python processing/build_tokenizer.py --train-from captions.jsonl --vocab-size 8192 --output tokenizer/
+    python processing/build_tokenizer.py --train_from captions.jsonl --vocab_size 8192 --output tokenizer/
 
 ``--vocab`` takes OpenAI CLIP's ``bpe_simple_vocab_16e6.txt.gz`` or a transformers CLIP tokenizer directory
-(``vocab.json`` + ``merges.txt``); both give the official ids. ``--train-from`` learns new merges from the captions
+(``vocab.json`` + ``merges.txt``); both give the official ids. ``--train_from`` learns new merges from the captions
 of any dataset the data layer reads (JSONL/CSV/TSV tables, image folders with ``metadata.jsonl``, webdataset shards,
 saved datasets; see docs/data.md), e.g. for non-English or domain text.
 
@@ -51,16 +51,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument(
         "--vocab", type=Path, help="bpe_simple_vocab_16e6.txt.gz, or a CLIP tokenizer folder (vocab.json + merges.txt)"
     )
-    source.add_argument("--train-from", help="dataset whose captions to learn the merges from (any data format)")
-    parser.add_argument("--vocab-size", type=int, help="with --train-from: vocabulary size, special tokens included")
-    parser.add_argument("--min-frequency", type=int, default=2, help="with --train-from: least count of a merged pair")
-    parser.add_argument("--format", default="auto", choices=FORMATS, help="with --train-from: the dataset's format")
-    parser.add_argument("--split", help="with --train-from: the split to read (default: the only one)")
-    parser.add_argument("--text-column", help="with --train-from: the caption column (default: detected)")
-    parser.add_argument("--max-records", type=int, help="with --train-from: read at most this many records")
+    source.add_argument(
+        "--train_from", "--train-from", help="dataset whose captions to learn the merges from (any data format)"
+    )
+    parser.add_argument(
+        "--vocab_size", "--vocab-size", type=int, help="with --train_from: vocabulary size, special tokens included"
+    )
+    parser.add_argument(
+        "--min_frequency",
+        "--min-frequency",
+        type=int,
+        default=2,
+        help="with --train_from: least count of a merged pair",
+    )
+    parser.add_argument("--format", default="auto", choices=FORMATS, help="with --train_from: the dataset's format")
+    parser.add_argument("--split", help="with --train_from: the split to read (default: the only one)")
+    parser.add_argument(
+        "--text_column", "--text-column", help="with --train_from: the caption column (default: detected)"
+    )
+    parser.add_argument(
+        "--max_records", "--max-records", type=int, help="with --train_from: read at most this many records"
+    )
     parser.add_argument("--output", type=Path, required=True, help="directory to write the tokenizer into")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output directory")
     parser.add_argument(
+        "--truncation_style",
         "--truncation-style",
         choices=["keep_end", "official"],
         default="keep_end",
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     """Build, save and verify the tokenizer; return the process exit status."""
     args = parse_args(argv)
     if args.train_from is not None and args.vocab_size is None:
-        print("error: --train-from needs --vocab-size", file=sys.stderr)
+        print("error: --train_from needs --vocab_size", file=sys.stderr)
         return 2
     if args.vocab is not None and not args.vocab.exists():
         print(f"error: vocabulary not found: {args.vocab}", file=sys.stderr)

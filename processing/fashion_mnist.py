@@ -18,8 +18,8 @@ Output::
 
 Usage::
 
-    python processing/fashion_mnist.py --output data/fashion-mnist [--input-dir DIR] [--limit-train N]
-        [--limit-test N] [--seed 0] [--overwrite]
+    python processing/fashion_mnist.py --output data/fashion-mnist [--input_dir DIR] [--limit_train N]
+        [--limit_test N] [--seed 0] [--overwrite]
 """
 
 import argparse
@@ -110,7 +110,7 @@ def _find_idx_file(input_dir: Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"{stem}(.gz) not found in {input_dir}; install Debian's dataset-fashion-mnist package or pass --input-dir"
+        f"{stem}(.gz) not found in {input_dir}; install Debian's dataset-fashion-mnist package or pass --input_dir"
     )
 
 
@@ -163,7 +163,7 @@ def write_fashion_mnist(
     Returns:
         The number of images written per split.
     """
-    # Read the input before touching the output, so a wrong --input-dir never costs an earlier result.
+    # Read the input before touching the output, so a wrong --input_dir never costs an earlier result.
     splits = {}
     for split, limit in (("train", limit_train), ("test", limit_test)):
         images, labels = load_fashion_mnist_split(input_dir, split)
@@ -201,9 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--input-dir", default=DEFAULT_INPUT_DIR, help="folder with the idx(.gz) files")
-    parser.add_argument("--limit-train", type=int, default=None, help="keep only the first N training images")
-    parser.add_argument("--limit-test", type=int, default=None, help="keep only the first N test images")
+    parser.add_argument("--input_dir", "--input-dir", default=DEFAULT_INPUT_DIR, help="folder with the idx(.gz) files")
+    parser.add_argument(
+        "--limit_train", "--limit-train", type=int, default=None, help="keep only the first N training images"
+    )
+    parser.add_argument(
+        "--limit_test", "--limit-test", type=int, default=None, help="keep only the first N test images"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the caption choice")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output in --output")
     args = parser.parse_args(argv)

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python processing/make_shapes_dataset.py --output data/shapes --num-train 5000 --num-test 1000 \
-        [--num-validation 500] [--image-size 64] [--seed 0] [--format imagefolder|webdataset] \
-        [--samples-per-shard 1000] [--two-object-probability 0.3] [--overwrite]
+    python processing/make_shapes_dataset.py --output data/shapes --num_train 5000 --num_test 1000 \
+        [--num_validation 500] [--image_size 64] [--seed 0] [--format imagefolder|webdataset] \
+        [--samples_per_shard 1000] [--two_object_probability 0.3] [--overwrite]
 
 See processing/shapes_dataset.py and docs/data.md for the content and the splits.
 """
@@ -25,14 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--num-train", type=int, default=5000)
-    parser.add_argument("--num-validation", type=int, default=500)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--num_train", "--num-train", type=int, default=5000)
+    parser.add_argument("--num_validation", "--num-validation", type=int, default=500)
+    parser.add_argument("--num_test", "--num-test", type=int, default=1000)
+    parser.add_argument("--image_size", "--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", default="imagefolder", choices=("imagefolder", "webdataset"))
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--two-object-probability", type=float, default=0.3)
+    parser.add_argument("--samples_per_shard", "--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--two_object_probability", "--two-object-probability", type=float, default=0.3)
     parser.add_argument("--overwrite", action="store_true", help="replace a previous output in --output")
     args = parser.parse_args(argv)
     try:

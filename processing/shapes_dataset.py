@@ -18,7 +18,7 @@ and the label column of the test split. `write_shapes_dataset` writes the data a
 `evaluate_shapes_dataset` runs every task (and retrieval) with the library's generic evaluation functions.
 
 This is demo and test data, not part of the installed ``modeling_msclip`` package: the demo
-(``python -m training.demo``), ``processing/make_shapes_dataset.py``, ``training/run_evaluation.py --shapes-data``,
+(``python -m training.demo``), ``processing/make_shapes_dataset.py``, ``training/run_evaluation.py --shapes_data``,
 the benchmarks and the tests import it from the repository.
 """
 

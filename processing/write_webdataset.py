@@ -7,8 +7,8 @@ empty caption are skipped and counted.
 Usage::
 
     python processing/write_webdataset.py --input data/shapes --split train --output shards/train \
-        [--format auto|imagefolder|csv|tsv|jsonl] [--image-column COL] [--text-column COL] \
-        [--samples-per-shard 10000] [--image-format keep|jpg|png] [--overwrite]
+        [--format auto|imagefolder|csv|tsv|jsonl] [--image_column COL] [--text_column COL] \
+        [--samples_per_shard 10000] [--image_format keep|jpg|png] [--overwrite]
 """
 
 import argparse
@@ -31,10 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="folder for the shards")
     parser.add_argument("--format", default="auto", choices=("auto", "imagefolder", "csv", "tsv", "jsonl"))
     parser.add_argument("--split", default=None, help="split of an image folder with split sub-folders")
-    parser.add_argument("--image-column", default=None, help="column with image paths (auto-detected)")
-    parser.add_argument("--text-column", default=None, help="column with captions (auto-detected)")
-    parser.add_argument("--samples-per-shard", type=int, default=10000)
-    parser.add_argument("--image-format", default="keep", choices=("keep", "jpg", "png"))
+    parser.add_argument(
+        "--image_column", "--image-column", default=None, help="column with image paths (auto-detected)"
+    )
+    parser.add_argument("--text_column", "--text-column", default=None, help="column with captions (auto-detected)")
+    parser.add_argument("--samples_per_shard", "--samples-per-shard", type=int, default=10000)
+    parser.add_argument("--image_format", "--image-format", default="keep", choices=("keep", "jpg", "png"))
     parser.add_argument("--overwrite", action="store_true", help="replace old *.tar shards in --output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -292,6 +292,20 @@ def test_every_option_is_documented_on_its_page():
     assert not problems, "Undocumented options:\n" + "\n".join(problems)
 
 
+def test_every_command_has_one_option_style():
+    # Underscores, as HfArgumentParser and transformers' TrainingArguments spell them, with the dashed spelling as an
+    # alias of the same argument (so `--zero-shot-data` of earlier releases keeps working).
+    problems = []
+    for command, entries in help_options().items():
+        for entry in entries:
+            primary = entry[0]
+            if "-" in primary[2:]:
+                problems.append(f"{command}: {primary} is spelled with dashes (use --{primary[2:].replace('-', '_')})")
+            elif "_" in primary and primary.replace("_", "-") not in entry:
+                problems.append(f"{command}: {primary} has no dashed alias {primary.replace('_', '-')}")
+    assert not problems, "\n".join(problems)
+
+
 def test_the_pages_commands_use_only_real_options():
     """Options written after a command in a fenced shell block of any page must be options that command accepts."""
     accepted = {command: {s for entry in entries for s in entry} for command, entries in help_options().items()}

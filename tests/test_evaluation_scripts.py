@@ -219,8 +219,8 @@ def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_visi
         assert exit_info.value.code == 2
         message = capsys.readouterr().err
         assert "is a fine-tuned image classifier (MSClipForImageClassification)" in message, message
-        assert f"{option} cannot be evaluated" in message and "no text tower" in message
-        assert "eval_results.json" in message and "--linear-probe-train" in message
+        assert f"--{option[2:].replace('-', '_')} cannot be evaluated" in message and "no text tower" in message
+        assert "eval_results.json" in message and "--linear_probe_train" in message
     with pytest.raises(ValueError, match="fine-tuned image classifier"):
         ev.load_model_and_processor(folder, "cpu")
     # A checkpoint that lacks weights MSClipModel needs is refused too, naming them (here the classifier's weights

@@ -176,7 +176,7 @@ def test_build_tokenizer_cli_trains_from_any_dataset_format(tmp_path, capsys):
     )
 
     assert cli.main(["--train-from", str(table), "--output", str(tmp_path / "c")]) == 2
-    assert "--train-from needs --vocab-size" in capsys.readouterr().err
+    assert "--train_from needs --vocab_size" in capsys.readouterr().err
     assert cli.main([*arguments, str(tmp_path / "b")]) == 2  # refuses to overwrite
     assert cli.main(["--train-from", str(tmp_path / "none.jsonl"), "--vocab-size", "600", "--output", "x"]) == 2
 

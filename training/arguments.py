@@ -35,7 +35,7 @@ class CheckpointArguments:
         metadata={
             "aliases": ["--vocab"],
             "help": "Tokenizer to build the processor from: a saved MSClipTokenizer folder (e.g. one trained with "
-            "processing/build_tokenizer.py --train-from), a CLIP tokenizer folder (vocab.json + merges.txt) or "
+            "processing/build_tokenizer.py --train_from), a CLIP tokenizer folder (vocab.json + merges.txt) or "
             "bpe_simple_vocab_16e6.txt.gz. From a preset, the text tower's vocabulary follows it.",
         },
     )

@@ -13,8 +13,8 @@
    and an informed baseline, and writes ``results.json`` and ``curves.png`` into a new
    ``demo_output/runs/<timestamp>/`` folder.
 
-Usage: ``python -m training.demo [--steps N] [--batch-size B] [--output demo_output] ...`` (``--help`` shows the
-defaults), and ``python -m training.demo --table-from demo_output/runs/<timestamp>/results.json`` to print the
+Usage: ``python -m training.demo [--steps N] [--batch_size B] [--output demo_output] ...`` (``--help`` shows the
+defaults), and ``python -m training.demo --table_from demo_output/runs/<timestamp>/results.json`` to print the
 markdown table of a finished run without training.
 """
 
@@ -292,19 +292,34 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=str(REPO / "demo_output"), help="data and runs go here")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help="model preset name, or an MSClipConfig JSON file")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (default: a tenth of --steps)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
     parser.add_argument(
-        "--crop-scale-min", type=float, default=0.9, help="random-resized-crop area lower bound (1: no augmentation)"
+        "--learning_rate", "--learning-rate", type=float, default=1e-3, help="peak learning rate (cosine schedule)"
     )
-    parser.add_argument("--num-train", type=int, default=8000, help="training scenes to draw")
-    parser.add_argument("--image-size", type=int, default=64, help="pixels; must match the preset's image_size")
     parser.add_argument(
-        "--vocab-size", type=int, default=591, help="BPE vocabulary size (591: every merge the demo captions allow)"
+        "--warmup_steps", "--warmup-steps", type=int, default=None, help="linear warm-up (default: a tenth of --steps)"
+    )
+    parser.add_argument(
+        "--crop_scale_min",
+        "--crop-scale-min",
+        type=float,
+        default=0.9,
+        help="random-resized-crop area lower bound (1: no augmentation)",
+    )
+    parser.add_argument("--num_train", "--num-train", type=int, default=8000, help="training scenes to draw")
+    parser.add_argument(
+        "--image_size", "--image-size", type=int, default=64, help="pixels; must match the preset's image_size"
+    )
+    parser.add_argument(
+        "--vocab_size",
+        "--vocab-size",
+        type=int,
+        default=591,
+        help="BPE vocabulary size (591: every merge the demo captions allow)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--table_from",
         "--table-from",
         metavar="RESULTS_JSON",
         help="print the markdown table of a finished run's results.json and stop",
@@ -313,7 +328,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Draw the data, train the tokenizer, pre-train, evaluate, plot; or only render a table (``--table-from``)."""
+    """Draw the data, train the tokenizer, pre-train, evaluate, plot; or only render a table (``--table_from``)."""
     args = parse_arguments(argv)
     if args.table_from:
         print(markdown_table(json.loads(Path(args.table_from).read_text())))

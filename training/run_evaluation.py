@@ -1,14 +1,14 @@
 """Evaluate an MS-CLIP checkpoint: zero-shot classification, image-text retrieval, linear probe, shapes tasks.
 
-    python training/run_evaluation.py --model CKPT --shapes-data data/shapes --output results/shapes.json
-    python training/run_evaluation.py --model CKPT --zero-shot-data data/fashion-mnist --split test \
-        --zero-shot-format classfolder --retrieval-data data/fashion-mnist --output results/fashion-mnist.json
+    python training/run_evaluation.py --model CKPT --shapes_data data/shapes --output results/shapes.json
+    python training/run_evaluation.py --model CKPT --zero_shot_data data/fashion-mnist --split test \
+        --zero_shot_format classfolder --retrieval_data data/fashion-mnist --output results/fashion-mnist.json
 
 Data may be in any format the project's one loader (data_msclip.load_dataset) reads: class folders
-(root/<class>/*.png), image folders with a metadata.jsonl of captions and/or labels (--label-column), CSV/TSV/JSONL/
-Parquet tables, webdataset shards, save_to_disk folders, Hub datasets, or the embedded shapes dataset (--shapes-data
+(root/<class>/*.png), image folders with a metadata.jsonl of captions and/or labels (--label_column), CSV/TSV/JSONL/
+Parquet tables, webdataset shards, save_to_disk folders, Hub datasets, or the embedded shapes dataset (--shapes_data
 runs every shapes zero-shot task and retrieval). The format is detected by the rules of docs/data.md; --format (or
---zero-shot-format, --retrieval-format, --linear-probe-format) names it: a folder with a metadata.jsonl is an image
+--zero_shot_format, --retrieval_format, --linear_probe_format) names it: a folder with a metadata.jsonl is an image
 folder, so the class sub-folders next to one (Fashion-MNIST) need classfolder. Prints a table; --output writes JSON.
 
 CKPT is a dual encoder (MSClipModel / MSClipForPreTraining). A fine-tuned classifier (MSClipForImageClassification)
@@ -44,7 +44,7 @@ from modeling_msclip.evaluation_msclip import (  # noqa: E402
 from processing.shapes_dataset import evaluate_shapes_dataset  # noqa: E402
 
 # The options whose evaluations need a text tower (refused for a fine-tuned image classifier).
-TEXT_TASK_OPTIONS = ("--zero-shot-data", "--retrieval-data", "--shapes-data")
+TEXT_TASK_OPTIONS = ("--zero_shot_data", "--retrieval_data", "--shapes_data")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -56,16 +56,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="directory written by save_pretrained (model + processor): an MSClipModel/MSClipForPreTraining; a "
         "fine-tuned MSClipForImageClassification is accepted for the linear probe only (no text tower)",
     )
-    parser.add_argument("--zero-shot-data", help="labelled data: class folders, saved dataset, imagefolder with labels")
-    parser.add_argument("--class-names", help="text file, one class name per line in label order")
+    parser.add_argument(
+        "--zero_shot_data",
+        "--zero-shot-data",
+        help="labelled data: class folders, saved dataset, imagefolder with labels",
+    )
+    parser.add_argument("--class_names", "--class-names", help="text file, one class name per line in label order")
     parser.add_argument("--templates", help="text file, one template with a {} placeholder per line")
-    parser.add_argument("--retrieval-data", help="captioned data: imagefolder with metadata.jsonl, CSV/JSONL, shards")
-    parser.add_argument("--linear-probe-train", help="labelled data for fitting (same formats as --zero-shot-data)")
-    parser.add_argument("--linear-probe-test", help="labelled data for scoring")
-    parser.add_argument("--shapes-data", help="the shapes dataset written by processing/make_shapes_dataset.py")
-    parser.add_argument("--shapes-split", default="test", help="split of --shapes-data to evaluate (default: test)")
-    parser.add_argument("--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)")
-    parser.add_argument("--split", help="split of --zero-shot-data / --retrieval-data when they hold several")
+    parser.add_argument(
+        "--retrieval_data",
+        "--retrieval-data",
+        help="captioned data: imagefolder with metadata.jsonl, CSV/JSONL, shards",
+    )
+    parser.add_argument(
+        "--linear_probe_train",
+        "--linear-probe-train",
+        help="labelled data for fitting (same formats as --zero_shot_data)",
+    )
+    parser.add_argument("--linear_probe_test", "--linear-probe-test", help="labelled data for scoring")
+    parser.add_argument(
+        "--shapes_data", "--shapes-data", help="the shapes dataset written by processing/make_shapes_dataset.py"
+    )
+    parser.add_argument(
+        "--shapes_split", "--shapes-split", default="test", help="split of --shapes_data to evaluate (default: test)"
+    )
+    parser.add_argument(
+        "--shapes_tasks", "--shapes-tasks", help="comma-separated shapes zero-shot tasks (default: all)"
+    )
+    parser.add_argument("--split", help="split of --zero_shot_data / --retrieval_data when they hold several")
     parser.add_argument(
         "--format",
         default="auto",
@@ -74,33 +92,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "metadata.jsonl is an image folder, so class sub-folders next to one need classfolder",
     )
     for option, data in (
-        ("zero-shot", "--zero-shot-data"),
-        ("retrieval", "--retrieval-data"),
-        ("linear-probe", "both --linear-probe-* sources"),
+        ("zero-shot", "--zero_shot_data"),
+        ("retrieval", "--retrieval_data"),
+        ("linear-probe", "both --linear_probe_* sources"),
     ):
-        parser.add_argument(f"--{option}-format", choices=FORMATS, help=f"format of {data} (default: --format)")
-    parser.add_argument("--image-column", help="image column of a table or datasets source (default: detected)")
-    parser.add_argument("--text-column", help="caption column of the retrieval data (default: detected)")
-    parser.add_argument("--label-column", help="label column of the labelled data (default: label)")
+        underscored = option.replace("-", "_")
+        parser.add_argument(
+            f"--{underscored}_format",
+            f"--{option}-format",
+            choices=FORMATS,
+            help=f"format of {data} (default: --format)",
+        )
     parser.add_argument(
-        "--max-samples", type=int, help="use at most this many records of each dataset (a seeded random subset)"
+        "--image_column", "--image-column", help="image column of a table or datasets source (default: detected)"
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--text_column", "--text-column", help="caption column of the retrieval data (default: detected)"
+    )
+    parser.add_argument("--label_column", "--label-column", help="label column of the labelled data (default: label)")
+    parser.add_argument(
+        "--max_samples",
+        "--max-samples",
+        type=int,
+        help="use at most this many records of each dataset (a seeded random subset)",
+    )
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", help="JSON file for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
     if not (args.zero_shot_data or args.retrieval_data or args.linear_probe_train or args.shapes_data):
         parser.error(
-            "give at least one of --zero-shot-data, --retrieval-data, --linear-probe-train/-test, --shapes-data"
+            "give at least one of --zero_shot_data, --retrieval_data, --linear_probe_train/_test, --shapes_data"
         )
     if bool(args.linear_probe_train) != bool(args.linear_probe_test):
-        parser.error("--linear-probe-train and --linear-probe-test go together")
+        parser.error("--linear_probe_train and --linear_probe_test go together")
     if args.output and Path(args.output).exists() and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
     if is_image_classifier_checkpoint(args.model):
-        options = [option for option in TEXT_TASK_OPTIONS if getattr(args, option[2:].replace("-", "_"))]
+        options = [option for option in TEXT_TASK_OPTIONS if getattr(args, option[2:])]
         if options:
             parser.error(image_classifier_refusal(args.model, " and ".join(options)))
         model, processor = load_image_classifier_features(args.model, args.device)
