@@ -8,10 +8,20 @@ lists which parts of block `i` are one module used by both modalities:
 * ``"layer_norm1"`` - the LayerNorm before attention,
 * ``"layer_norm2"`` - the LayerNorm before the MLP.
 
-Everything else is modality-specific. That one list expresses the whole spectrum: vanilla CLIP (nothing shared, the
-text tower may even be narrower), MS-CLIP (attention + MLP shared in every block), MS-CLIP-S (shared from block 1 on,
-a convolutional stem replacing vision block 0 and a parallel CNN branch) and a single tower (every component shared,
-LayerNorms included, plus a shared projection head).
+The heads after the blocks are shared the same way: `MSClipConfig.shared_head_components` names which of
+
+* ``"final_layer_norm"`` - the LayerNorm on the pooled token (text ``ln_final``, vision ``ln_post``),
+* ``"projection"``       - the linear map into the joint embedding space,
+
+are one module for both modalities. Everything else is modality-specific. These lists express the whole spectrum:
+vanilla CLIP (nothing shared, the text tower may even be narrower), MS-CLIP (attention + MLP shared in every block),
+MS-CLIP-S (shared from block 1 on, a convolutional stem replacing vision block 0 and a parallel CNN branch) and a
+single tower (every block component shared, LayerNorms included, and both head components).
+
+A shared module is built from one tower's sub-config, ``MSClipConfig.shared_settings_from``. Every setting its
+computation reads (`SHARED_SETTINGS`) must be equal in both towers, which the config checks; the choice therefore only
+decides what else the module reads from that tower's sub-config: the attention implementation when the two were given
+different ones, and the depth ``num_hidden_layers`` that `_init_weights` reads for the attention initialisation.
 """
 
 from __future__ import annotations
@@ -28,6 +38,17 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SHAREABLE_COMPONENTS = ("attention", "mlp", "layer_norm1", "layer_norm2")
+SHAREABLE_HEAD_COMPONENTS = ("final_layer_norm", "projection")
+# The tower settings each shareable component computes with: one module can serve both towers only where they agree.
+SHARED_SETTINGS = {
+    "attention": ("hidden_size", "num_attention_heads", "attention_dropout"),
+    "mlp": ("hidden_size", "intermediate_size", "hidden_act"),
+    "layer_norm1": ("hidden_size", "layer_norm_eps"),
+    "layer_norm2": ("hidden_size", "layer_norm_eps"),
+    "final_layer_norm": ("hidden_size", "layer_norm_eps"),
+    "projection": ("hidden_size",),
+}
+MODALITIES = ("text", "vision")
 VISION_EMBEDDING_TYPES = ("patch", "conv_stem")
 PRETRAINING_LOSSES = ("clip", "siglip", "nclip", "xclip")
 
@@ -339,7 +360,15 @@ class MSClipConfig(PreTrainedConfig):
         projection_dim: Size of the joint embedding space.
         shared_components: One list per block position naming the components shared by both towers, from
             ``("attention", "mlp", "layer_norm1", "layer_norm2")``. ``None`` shares nothing (vanilla CLIP).
-        share_projection_head: One final LayerNorm and one projection for both modalities (single-tower models).
+        shared_head_components: The head components shared by both towers, from ``("final_layer_norm",
+            "projection")`` (single-tower models share both). ``None`` shares neither.
+        shared_settings_from: The tower (``"text"`` or ``"vision"``) whose sub-config every shared block or head
+            module is built from. The settings a shared module computes with must be equal in both towers
+            (`SHARED_SETTINGS`, checked); from this tower it takes the rest: the attention implementation if the
+            sub-configs were given different ones, and ``num_hidden_layers``, read by the attention initialisation.
+        share_projection_head: Legacy spelling, read from configs saved before ``shared_head_components``: ``True``
+            means both head components, ``False`` neither. Not stored; giving it with a different
+            ``shared_head_components`` is an error.
         logit_scale_init_value: Initial value of the learnable log temperature (CLIP: ln(1/0.07)).
         logit_scale_max: Upper bound of ``exp(logit_scale)`` enforced by the training losses and after optimizer
             steps (the model's forward reproduces the official, unclamped logits).
@@ -356,7 +385,9 @@ class MSClipConfig(PreTrainedConfig):
         vision_config: dict | MSClipVisionConfig | None = None,
         projection_dim: int = 512,
         shared_components: list[list[str]] | None = None,
-        share_projection_head: bool = False,
+        shared_head_components: list[str] | None = None,
+        shared_settings_from: str = "text",
+        share_projection_head: bool | None = None,
         logit_scale_init_value: float = 2.6592,
         logit_scale_max: float = 100.0,
         objective: dict[str, Any] | None = None,
@@ -371,7 +402,8 @@ class MSClipConfig(PreTrainedConfig):
         if shared_components is None:
             shared_components = [[] for _ in range(num_positions)]
         self.shared_components = [sorted(set(components)) for components in shared_components]
-        self.share_projection_head = share_projection_head
+        self.shared_head_components = _head_components(shared_head_components, share_projection_head)
+        self.shared_settings_from = shared_settings_from
         if kwargs.pop("batch_shared_blocks", False):
             logger.warning(
                 "batch_shared_blocks is no longer a setting (removed: the same outputs as running the towers in turn, "
@@ -411,17 +443,21 @@ class MSClipConfig(PreTrainedConfig):
 
     def _validate_sharing(self) -> None:
         text, vision = self.text_config, self.vision_config
+        if self.shared_settings_from not in MODALITIES:
+            raise ValueError(f"shared_settings_from must be one of {MODALITIES}, got {self.shared_settings_from!r}")
         expected = max(text.num_hidden_layers, vision.num_hidden_layers)
         if len(self.shared_components) != expected:
             raise ValueError(
                 f"shared_components needs one entry per block position ({expected}), got {len(self.shared_components)}"
             )
-        needs_same = {
-            "attention": ("hidden_size", "num_attention_heads", "attention_dropout"),
-            "mlp": ("hidden_size", "intermediate_size", "hidden_act"),
-            "layer_norm1": ("hidden_size", "layer_norm_eps"),
-            "layer_norm2": ("hidden_size", "layer_norm_eps"),
-        }
+        unknown = set(self.shared_head_components) - set(SHAREABLE_HEAD_COMPONENTS)
+        if unknown:
+            raise ValueError(
+                f"shared_head_components has unknown components {sorted(unknown)}; choose from "
+                f"{SHAREABLE_HEAD_COMPONENTS}"
+            )
+        for component in self.shared_head_components:
+            self._check_shareable(component, "the heads")
         for position, components in enumerate(self.shared_components):
             unknown = set(components) - set(SHAREABLE_COMPONENTS)
             if unknown:
@@ -436,17 +472,16 @@ class MSClipConfig(PreTrainedConfig):
                     "(the conv stem replaces vision block 0)"
                 )
             for component in components:
-                for field in needs_same[component]:
-                    if getattr(text, field) != getattr(vision, field):
-                        raise ValueError(
-                            f"sharing {component!r} at block {position} needs equal text and vision "
-                            f"{field}, got {getattr(text, field)} and {getattr(vision, field)}"
-                        )
-        if self.share_projection_head and (text.hidden_size, text.layer_norm_eps) != (
-            vision.hidden_size,
-            vision.layer_norm_eps,
-        ):
-            raise ValueError("share_projection_head needs equal text and vision hidden_size and layer_norm_eps")
+                self._check_shareable(component, f"block {position}")
+
+    def _check_shareable(self, component: str, where: str) -> None:
+        for field in SHARED_SETTINGS[component]:
+            text_value, vision_value = getattr(self.text_config, field), getattr(self.vision_config, field)
+            if text_value != vision_value:
+                raise ValueError(
+                    f"sharing {component!r} in {where} needs equal text and vision {field}, got {text_value} and "
+                    f"{vision_value}"
+                )
 
     @property
     def shared_block_positions(self) -> list[int]:
@@ -492,6 +527,22 @@ def _as_sub_config(value: dict | PreTrainedConfig | None, config_class: type[Pre
     raise TypeError(f"expected a dict or {config_class.__name__}, got {type(value).__name__}")
 
 
+def _head_components(components: list[str] | None, share_projection_head: bool | None) -> list[str]:
+    """``shared_head_components``, also from the legacy ``share_projection_head`` flag of older saved configs."""
+    legacy = None
+    if share_projection_head is not None:
+        legacy = list(SHAREABLE_HEAD_COMPONENTS) if share_projection_head else []
+    if components is None:
+        return legacy or []
+    components = sorted(set(components))
+    if legacy is not None and components != legacy:
+        raise ValueError(
+            f"share_projection_head={share_projection_head} (the legacy spelling of shared_head_components="
+            f"{legacy}) contradicts shared_head_components={components}; give only shared_head_components"
+        )
+    return components
+
+
 def _check_heads(config: MSClipTextConfig | MSClipVisionConfig, name: str) -> None:
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(
@@ -506,6 +557,8 @@ __all__ = [
     "MSClipTextConfig",
     "MSClipVisionConfig",
     "SHAREABLE_COMPONENTS",
+    "SHAREABLE_HEAD_COMPONENTS",
+    "SHARED_SETTINGS",
     "available_presets",
 ]
 

@@ -69,17 +69,17 @@ VISION_FIELDS = (
 TOP_LEVEL_KEYS = {
     "text_model.embeddings.token_embedding.weight": "text_model.embeddings.token_embedding.weight",
     "text_model.embeddings.position_embedding": "text_model.embeddings.position_embedding.weight",
-    "text_model.final_layer_norm.weight": "text_model.final_layer_norm.weight",
-    "text_model.final_layer_norm.bias": "text_model.final_layer_norm.bias",
     "vision_model.embeddings.class_embedding": "vision_model.embeddings.class_embedding",
     "vision_model.embeddings.patch_embedding.weight": "vision_model.embeddings.patch_embedding.weight",
     "vision_model.embeddings.position_embedding": "vision_model.embeddings.position_embedding.weight",
     "vision_model.embeddings.pre_layernorm.weight": "vision_model.pre_layrnorm.weight",
     "vision_model.embeddings.pre_layernorm.bias": "vision_model.pre_layrnorm.bias",
-    "vision_model.post_layernorm.weight": "vision_model.post_layernorm.weight",
-    "vision_model.post_layernorm.bias": "vision_model.post_layernorm.bias",
-    "text_projection.weight": "text_projection.weight",
-    "visual_projection.weight": "visual_projection.weight",
+    "projection_head.final_layer_norm.text.weight": "text_model.final_layer_norm.weight",
+    "projection_head.final_layer_norm.text.bias": "text_model.final_layer_norm.bias",
+    "projection_head.final_layer_norm.vision.weight": "vision_model.post_layernorm.weight",
+    "projection_head.final_layer_norm.vision.bias": "vision_model.post_layernorm.bias",
+    "projection_head.projection.text.weight": "text_projection.weight",
+    "projection_head.projection.vision.weight": "visual_projection.weight",
     "logit_scale": "logit_scale",  # [1] here (DeepSpeed cannot partition 0-d), 0-d in CLIPModel
 }
 

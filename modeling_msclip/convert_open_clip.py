@@ -1,9 +1,9 @@
 """Convert an open_clip CLIP checkpoint (ViT towers, OpenAI layout) into an `MSClipModel` with nothing shared.
 
-    python -m modeling_msclip.convert_open_clip --checkpoint open_clip_pytorch_model.bin --model-config ViT-B-32.json \
+    python -m modeling_msclip.convert_open_clip --checkpoint open_clip_pytorch_model.bin --model_config ViT-B-32.json \
         --output DIR [--vocab bpe_simple_vocab_16e6.txt.gz]
 
-``--model-config`` is open_clip's model config JSON (``model_configs/ViT-B-32.json`` and friends: ``embed_dim``,
+``--model_config`` is open_clip's model config JSON (``model_configs/ViT-B-32.json`` and friends: ``embed_dim``,
 ``vision_cfg``, ``text_cfg``, ``quick_gelu``); the checkpoint is a ``.pt``/``.bin`` or ``.safetensors`` state dict
 (a nested ``state_dict`` and ``module.`` prefixes are unwrapped). Supported: the standard CLIP layouts of
 ViT-B/32, B/16, L/14 and their sizes in between, QuickGELU or GELU, any context length and vocabulary. Settings that
@@ -186,7 +186,9 @@ def convert(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="open_clip state dict (.pt / .bin / .safetensors)")
-    parser.add_argument("--model-config", required=True, help="open_clip model config JSON (e.g. ViT-B-32.json)")
+    parser.add_argument(
+        "--model_config", "--model-config", required=True, help="open_clip model config JSON (e.g. ViT-B-32.json)"
+    )
     parser.add_argument("--output", required=True, help="output directory (model + processor)")
     parser.add_argument(
         "--vocab", help="tokenizer: bpe_simple_vocab_16e6.txt.gz or a CLIP vocab.json + merges.txt folder"

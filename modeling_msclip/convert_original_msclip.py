@@ -231,6 +231,13 @@ _BLOCK_PARTS = [
     ("layer_norm2", "bias", "ln_2.bias"),
 ]
 _TOWER_PREFIX = {"text": "transformer.resblocks", "vision": "visual.transformer.resblocks"}
+# (head component, parameter, official key per modality) of `MSClipProjectionHead`.
+_HEAD_PARTS = [
+    ("final_layer_norm", "weight", {"text": "ln_final.weight", "vision": "visual.ln_post.weight"}),
+    ("final_layer_norm", "bias", {"text": "ln_final.bias", "vision": "visual.ln_post.bias"}),
+    ("projection", "weight", {"text": "text_projection", "vision": "visual.proj"}),
+]
+_PROJECTION_PREFIX = "projection_head.projection."
 _BATCH_NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -243,7 +250,7 @@ def _conv_bn_keys(ours: str, conv: str, bn: str) -> dict[str, str]:
 def official_key_map(config: MSClipConfig) -> dict[str, list[str]]:
     """Map every `MSClipModel` state-dict key to the official key(s) holding the same tensor.
 
-    Shared block components map to two official keys (the vision copy first, then the text copy).
+    Shared block and head components map to two official keys (the vision copy first, then the text copy).
     """
     keys: dict[str, list[str]] = {}
 
@@ -252,16 +259,19 @@ def official_key_map(config: MSClipConfig) -> dict[str, list[str]]:
 
     add("text_model.embeddings.token_embedding.weight", "token_embedding.weight")
     add("text_model.embeddings.position_embedding", "positional_embedding")
-    add("text_model.final_layer_norm.weight", "ln_final.weight")
-    add("text_model.final_layer_norm.bias", "ln_final.bias")
-    add("text_projection.weight", "text_projection")
-    add("visual_projection.weight", "visual.proj")
     add("logit_scale", "logit_scale")
     add("vision_model.embeddings.class_embedding", "visual.class_embedding")
     add("vision_model.embeddings.position_embedding", "visual.positional_embedding")
     for name in ("weight", "bias"):
         add(f"vision_model.embeddings.pre_layernorm.{name}", f"visual.ln_pre.{name}")
-        add(f"vision_model.post_layernorm.{name}", f"visual.ln_post.{name}")
+    shared_head = set(config.shared_head_components)
+    for component, suffix, official in _HEAD_PARTS:
+        module = f"projection_head.{component}"
+        if component in shared_head:
+            add(f"{module}.shared.{suffix}", official["vision"], official["text"])
+        else:
+            for modality in ("text", "vision"):
+                add(f"{module}.{modality}.{suffix}", official[modality])
 
     vision = config.vision_config
     if vision.embedding_type == "patch":
@@ -382,8 +392,8 @@ def convert_state_dict(official: dict[str, torch.Tensor], config: MSClipConfig) 
         for other in sources[1:]:
             if official[other].shape != tensor.shape or not torch.equal(official[other], tensor):
                 raise ConversionError(f"the two official copies of a shared tensor disagree: {sources[0]} vs {other}")
-        if ours in ("text_projection.weight", "visual_projection.weight"):
-            tensor = tensor.t()
+        if ours.startswith(_PROJECTION_PREFIX):
+            tensor = tensor.t()  # the official projections are (width, embed) matrices applied as x @ proj
         elif ours == "logit_scale":
             tensor = tensor.reshape(1)
         converted[ours] = tensor.contiguous().clone()

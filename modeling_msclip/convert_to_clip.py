@@ -4,9 +4,9 @@
 
 A model trained here then loads wherever CLIP loads (``CLIPModel.from_pretrained``, pipelines, other libraries)
 and computes the same embeddings and logits. Only what ``CLIPModel`` can express is exported: separate towers with
-nothing shared, a patch-embedding vision tower without the parallel branch, causal text attention and one
-projection per modality; anything else is refused with the reason. Text pooling: a model with
-``text_config.pooling="eos"`` keeps its end id; one with ``"argmax"`` (the presets) pools at its end token,
+nothing shared (blocks or head), a patch-embedding vision tower without the parallel branch, causal text attention
+and one final LayerNorm and projection per modality; anything else is refused with the reason. Text pooling: a
+model with ``text_config.pooling="eos"`` keeps its end id; one with ``"argmax"`` (the presets) pools at its end token,
 which is its largest id, so the two agree on every row that has its end token. The processor of the input folder
 is saved alongside.
 
@@ -36,8 +36,8 @@ def check_exportable(config: MSClipConfig) -> None:
         reasons.append(f"the vision tower uses embedding_type={vision.embedding_type!r}, not a patch embedding")
     if vision.parallel_branch_strides is not None:
         reasons.append("the vision tower has MS-CLIP-S's parallel branch")
-    if config.share_projection_head:
-        reasons.append("both modalities use one projection head")
+    if config.shared_head_components:
+        reasons.append(f"the towers share head components {config.shared_head_components}")
     if not text.causal:
         reasons.append("text attention is bidirectional")
     if text.pooling == "eos" and text.eos_token_id == 2:

@@ -208,10 +208,7 @@ def initialize_head_from_text(
     Returns:
         The scale ``s``.
     """
-    if clip_model.config.share_projection_head:
-        projection = clip_model.projection.weight
-    else:
-        projection = clip_model.visual_projection.weight
+    projection = clip_model.projection_head.projection.for_modality("vision").weight
     text_classifier = build_zero_shot_classifier(clip_model, tokenizer, list(class_names), list(templates))
     scale = float(logit_scale_exp(clip_model.logit_scale.detach(), clip_model.config.logit_scale_max, torch.float32))
     if calibration_pixel_values is not None and len(calibration_pixel_values):

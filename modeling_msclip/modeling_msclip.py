@@ -2,18 +2,24 @@
 
 Layout of the module tree (and of every checkpoint):
 
-* ``text_model``   - token + position embeddings and the final LayerNorm (text-only parts),
-* ``vision_model`` - patch embedding or conv stem, class/position embeddings, pre/post LayerNorms, the optional
+* ``text_model``      - token + position embeddings (text-only parts),
+* ``vision_model``    - patch embedding or conv stem, class/position embeddings, the pre-LayerNorm, the optional
   efficient parallel branch and its lateral adapters (vision-only parts),
-* ``encoder``      - the block stack both towers run through. Each component of each block is held by a
-  `MSClipModalityModules`: one module under the key ``"shared"`` when the config shares it, otherwise one module
-  per modality under ``"text"`` / ``"vision"``. What is shared is therefore decided in exactly one place
-  (`MSClipEncoderLayer.__init__`, read from ``config.shared_components``) and every parameter exists once.
-* ``text_projection``, ``visual_projection`` (one ``projection`` when the head is shared) and ``logit_scale``.
+* ``encoder``         - the block stack both towers run through,
+* ``projection_head`` - the final LayerNorm of the pooled token and the projection into the joint space,
+* ``logit_scale``.
+
+Each component of each block and of the head is held by a `MSClipModalityModules`: one module under the key
+``"shared"`` when the config shares it, otherwise one module per modality under ``"text"`` / ``"vision"``. What is
+shared is therefore decided in one place (`modality_modules`, read from ``config.shared_components`` for the blocks
+and ``config.shared_head_components`` for the head) and every parameter exists once. Checkpoints saved before the
+head was built this way (``text_model.final_layer_norm``, ``vision_model.post_layernorm``, ``text_projection``,
+``visual_projection``, or ``head_layer_norm`` + ``projection``) still load: see `LEGACY_HEAD_KEYS`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_msclip import MSClipConfig, MSClipTextConfig, MSClipVisionConfig
+from .configuration_msclip import MODALITIES, MSClipConfig, MSClipTextConfig, MSClipVisionConfig
 from .loss_msclip import (
     ClipLoss,
     NClipHead,
@@ -40,9 +46,6 @@ from .loss_msclip import (
     logit_scale_exp,
     xclip_loss,
 )
-
-MODALITIES = ("text", "vision")
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Output types
@@ -191,14 +194,18 @@ class MSClipMLP(nn.Module):
 
 
 class MSClipModalityModules(nn.ModuleDict):
-    """One block component: a single module shared by all modalities, or one module per modality.
+    """One block or head component: a single module shared by all modalities, or one module per modality.
 
     The keys are ``"shared"`` or the modality names; `for_modality` hides the difference from the caller.
+    ``build(modality)`` makes the module with that modality's settings; a shared one is built once, with the settings
+    of ``shared_from`` (``None``: not shared).
     """
 
-    def __init__(self, build: Callable[[str], nn.Module], modalities: tuple[str, ...], shared: bool) -> None:
-        if shared:
-            super().__init__({"shared": build(modalities[0])})
+    def __init__(
+        self, build: Callable[[str], nn.Module], modalities: tuple[str, ...], shared_from: str | None = None
+    ) -> None:
+        if shared_from is not None:
+            super().__init__({"shared": build(shared_from)})
         else:
             super().__init__({modality: build(modality) for modality in modalities})
 
@@ -215,6 +222,26 @@ class MSClipModalityModules(nn.ModuleDict):
         return self[modality]
 
 
+def modality_modules(
+    config: MSClipConfig,
+    shared: bool,
+    modalities: tuple[str, ...],
+    build: Callable[[MSClipTextConfig | MSClipVisionConfig], nn.Module],
+) -> MSClipModalityModules:
+    """One block or head component for ``modalities``, built by ``build(sub_config)``.
+
+    Shared, it is one module built from the sub-config of ``config.shared_settings_from`` (the settings it computes
+    with are equal in both towers, the config checks that); otherwise one module per modality from its own sub-config.
+    """
+    shared_from = config.shared_settings_from if shared else None
+    return MSClipModalityModules(lambda modality: build(config.modality_config(modality)), modalities, shared_from)
+
+
+def tower_layer_norm(config: MSClipTextConfig | MSClipVisionConfig) -> nn.LayerNorm:
+    """A LayerNorm over the tower width with the tower's epsilon."""
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
 class MSClipEncoderLayer(GradientCheckpointingLayer):
     """Pre-LN transformer block at one position of the joint encoder: x + attn(ln1(x)), then x + mlp(ln2(x)).
 
@@ -227,16 +254,10 @@ class MSClipEncoderLayer(GradientCheckpointingLayer):
         present = config.layer_modalities(position)
         modalities = tuple(m for m in present if modalities is None or m in modalities)
         shared = set(config.shared_components[position])
-
-        def component(name: str, build: Callable[[MSClipTextConfig | MSClipVisionConfig], nn.Module]):
-            return MSClipModalityModules(
-                lambda modality: build(config.modality_config(modality)), modalities, shared=name in shared
-            )
-
-        self.layer_norm1 = component("layer_norm1", lambda c: nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
-        self.self_attn = component("attention", MSClipAttention)
-        self.layer_norm2 = component("layer_norm2", lambda c: nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps))
-        self.mlp = component("mlp", MSClipMLP)
+        self.layer_norm1 = modality_modules(config, "layer_norm1" in shared, modalities, tower_layer_norm)
+        self.self_attn = modality_modules(config, "attention" in shared, modalities, MSClipAttention)
+        self.layer_norm2 = modality_modules(config, "layer_norm2" in shared, modalities, tower_layer_norm)
+        self.mlp = modality_modules(config, "mlp" in shared, modalities, MSClipMLP)
 
     def forward(
         self,
@@ -525,25 +546,25 @@ class MSClipTextEmbeddings(nn.Module):
 
 
 class MSClipTextTower(nn.Module):
-    """Text-specific parts: embeddings and the final LayerNorm. The blocks live in the shared encoder."""
+    """Text-specific parts: the embeddings. The blocks live in the shared encoder, the final LayerNorm in the head
+    (`MSClipProjectionHead`), so that both are shared or not by the same rule."""
 
-    def __init__(self, config: MSClipTextConfig, own_head_norm: bool = True) -> None:
+    def __init__(self, config: MSClipTextConfig) -> None:
         super().__init__()
         self.config = config
         self.embeddings = MSClipTextEmbeddings(config)
-        # A model with one head for both modalities owns that LayerNorm itself and passes it to forward.
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if own_head_norm else None
 
     def forward(
         self,
         encoder: MSClipEncoder,
+        final_layer_norm: nn.Module,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
-        final_layer_norm: nn.Module | None = None,
     ) -> BaseModelOutputWithPooling:
-        """Encode ``input_ids``; ``pooler_output`` is the normalised end-of-text token (before projection)."""
+        """Encode ``input_ids`` with ``encoder``'s text blocks; ``pooler_output`` is the end-of-text token after
+        ``final_layer_norm`` (before projection)."""
         encoder_input, pool_index = self.prepare(input_ids, attention_mask)
         encoded = encoder(
             encoder_input.hidden_states,
@@ -613,12 +634,12 @@ class MSClipTextTower(nn.Module):
         self,
         encoded: tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None],
         pool_index: torch.Tensor,
-        final_layer_norm: nn.Module | None = None,
+        final_layer_norm: nn.Module,
     ) -> BaseModelOutputWithPooling:
-        """The tower output from the encoder's (last hidden state, hidden states, attentions)."""
+        """The tower output from the encoder's (last hidden state, hidden states, attentions): ``pooler_output`` is
+        the token at ``pool_index`` after ``final_layer_norm``."""
         last_hidden_state, hidden_states, attentions = encoded
         rows = torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device)
-        final_layer_norm = final_layer_norm if final_layer_norm is not None else self.final_layer_norm
         pooled = final_layer_norm(last_hidden_state[rows, pool_index])
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
@@ -702,9 +723,10 @@ class MSClipVisionEmbeddings(nn.Module):
 
 
 class MSClipVisionTower(nn.Module):
-    """Vision-specific parts: embeddings, the optional parallel branch with its lateral adapters, post-LayerNorm."""
+    """Vision-specific parts: embeddings and the optional parallel branch with its lateral adapters. The blocks live
+    in the shared encoder, the post-LayerNorm in the head (`MSClipProjectionHead`)."""
 
-    def __init__(self, config: MSClipVisionConfig, own_head_norm: bool = True) -> None:
+    def __init__(self, config: MSClipVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.embeddings = MSClipVisionEmbeddings(config)
@@ -718,18 +740,18 @@ class MSClipVisionTower(nn.Module):
                     self.parallel_branch.channels, config.parallel_branch_lateral_kernels, strict=True
                 )
             )
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if own_head_norm else None
 
     def forward(
         self,
         encoder: MSClipEncoder,
+        final_layer_norm: nn.Module,
         pixel_values: torch.Tensor,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         interpolate_pos_encoding: bool = False,
-        post_layernorm: nn.Module | None = None,
     ) -> BaseModelOutputWithPooling:
-        """Encode images; ``pooler_output`` is the post-LayerNorm class token (before projection)."""
+        """Encode images with ``encoder``'s vision blocks; ``pooler_output`` is the class token after
+        ``final_layer_norm`` (the official ``ln_post``; before projection)."""
         encoder_input = self.prepare(pixel_values, interpolate_pos_encoding)
         encoded = encoder(
             encoder_input.hidden_states,
@@ -738,7 +760,7 @@ class MSClipVisionTower(nn.Module):
             output_attentions=output_attentions,
             before_layer=encoder_input.before_layer,
         )
-        return self.pool(encoded, post_layernorm)
+        return self.pool(encoded, final_layer_norm)
 
     def prepare(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> EncoderInput:
         """Embed the images for the encoder; the parallel branch and its adapters run as the ``before_layer`` hook."""
@@ -760,18 +782,95 @@ class MSClipVisionTower(nn.Module):
     def pool(
         self,
         encoded: tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None],
-        post_layernorm: nn.Module | None = None,
+        final_layer_norm: nn.Module,
     ) -> BaseModelOutputWithPooling:
-        """The tower output from the encoder's (last hidden state, hidden states, attentions)."""
+        """The tower output from the encoder's (last hidden state, hidden states, attentions): ``pooler_output`` is
+        the class token after ``final_layer_norm``."""
         last_hidden_state, hidden_states, attentions = encoded
-        post_layernorm = post_layernorm if post_layernorm is not None else self.post_layernorm
-        pooled = post_layernorm(last_hidden_state[:, 0])
+        pooled = final_layer_norm(last_hidden_state[:, 0])
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled,
             hidden_states=hidden_states,
             attentions=attentions,
         )
+
+
+class MSClipProjectionHead(nn.Module):
+    """What follows the blocks: the final LayerNorm of the pooled token and the projection into the joint space.
+
+    Each is a `MSClipModalityModules` built by `modality_modules` like a block component, shared when
+    ``config.shared_head_components`` names it (``"final_layer_norm"``, ``"projection"``).
+    `MSClipForImageClassification` builds it for the vision tower without the projection.
+    """
+
+    def __init__(
+        self, config: MSClipConfig, modalities: tuple[str, ...] = MODALITIES, with_projection: bool = True
+    ) -> None:
+        super().__init__()
+        shared = set(config.shared_head_components)
+        self.final_layer_norm = modality_modules(config, "final_layer_norm" in shared, modalities, tower_layer_norm)
+        self.projection = None
+        if with_projection:
+            projection_dim = config.projection_dim
+            self.projection = modality_modules(
+                config,
+                "projection" in shared,
+                modalities,
+                lambda tower: nn.Linear(tower.hidden_size, projection_dim, bias=False),
+            )
+
+    def layer_norm(self, modality: str) -> nn.Module:
+        """The final LayerNorm of ``modality``'s pooled token."""
+        return self.final_layer_norm.for_modality(modality)
+
+    def project(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
+        """``modality``'s normalised pooled token in the joint embedding space (unnormalised)."""
+        if self.projection is None:
+            raise ValueError("this head has no projection (it belongs to an image classifier)")
+        return self.projection.for_modality(modality)(pooled)
+
+
+# Checkpoint keys of the head before it was built from `MSClipModalityModules`, and their names now, relative to the
+# model that owns the head (an `MSClipForPreTraining` checkpoint holds them under ``msclip.``).
+LEGACY_HEAD_KEYS = {
+    "text_model.final_layer_norm.": "projection_head.final_layer_norm.text.",
+    "vision_model.post_layernorm.": "projection_head.final_layer_norm.vision.",
+    "text_projection.": "projection_head.projection.text.",
+    "visual_projection.": "projection_head.projection.vision.",
+    "head_layer_norm.": "projection_head.final_layer_norm.shared.",  # share_projection_head=True
+    "projection.": "projection_head.projection.shared.",
+}
+# The prefixes under which a checkpoint may hold those keys: the model's own, or MSClipForPreTraining's.
+LEGACY_HEAD_KEY_PREFIXES = ("", "msclip.")
+
+
+def rename_legacy_head_keys(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Rename, in place, the keys of ``state_dict`` under ``prefix`` that name the head in the old layout
+    (`LEGACY_HEAD_KEYS`); returns ``state_dict``. Keys in the current layout are left alone."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        relative = key[len(prefix) :]
+        for old, new in LEGACY_HEAD_KEYS.items():
+            if relative.startswith(old):
+                state_dict[prefix + new + relative[len(old) :]] = state_dict.pop(key)
+                break
+    return state_dict
+
+
+def _rename_legacy_head_keys_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # `load_state_dict` pre-hook of the models that own a head: the old key names load into the new modules.
+    rename_legacy_head_keys(state_dict, prefix)
+
+
+def legacy_head_key_mapping() -> dict[str, str]:
+    """`LEGACY_HEAD_KEYS` as the ``key_mapping`` of transformers' ``from_pretrained`` (anchored regexes)."""
+    return {
+        f"^{re.escape(prefix + old)}": prefix + new
+        for prefix in LEGACY_HEAD_KEY_PREFIXES
+        for old, new in LEGACY_HEAD_KEYS.items()
+    }
 
 
 def padding_mask_to_additive(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -831,6 +930,24 @@ class MSClipPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; a checkpoint with the head's old key names (`LEGACY_HEAD_KEYS`) loads
+        too, and the model then saves the current names."""
+        legacy = legacy_head_key_mapping()
+        kwargs["key_mapping"] = {**legacy, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers reverts on save the renamings a load used, to keep a checkpoint's layout; these migrate it.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                conversion
+                for conversion in conversions
+                if not set(getattr(conversion, "_original_source_patterns", ())) & legacy.keys()
+            ]
+        return loaded
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         factor = self.config.initializer_factor
@@ -844,6 +961,9 @@ class MSClipPreTrainedModel(PreTrainedModel):
             if isinstance(module.patch_embedding, nn.Conv2d):
                 init.normal_(module.patch_embedding.weight, std=module.config.initializer_range * factor)
         elif isinstance(module, MSClipAttention):
+            # A shared attention holds the sub-config of `config.shared_settings_from`: that tower's depth scales it.
+            # Not reached at present: for remote-code classes transformers 5 skips modules without parameters of their
+            # own (`PreTrainedModel._initialize_weights`), so the Linear branch below initialises these and the MLPs.
             config = module.config
             in_std = module.embed_dim**-0.5 * (2 * config.num_hidden_layers) ** -0.5 * factor
             init.normal_(module.qkv_proj.weight, std=in_std)
@@ -896,17 +1016,12 @@ class MSClipModel(MSClipPreTrainedModel):
 
     def __init__(self, config: MSClipConfig) -> None:
         super().__init__(config)
-        own_head_norm = not config.share_projection_head
-        self.text_model = MSClipTextTower(config.text_config, own_head_norm)
-        self.vision_model = MSClipVisionTower(config.vision_config, own_head_norm)
+        self.text_model = MSClipTextTower(config.text_config)
+        self.vision_model = MSClipVisionTower(config.vision_config)
         self.encoder = MSClipEncoder(config)
-        if config.share_projection_head:
-            self.head_layer_norm = nn.LayerNorm(config.text_config.hidden_size, eps=config.text_config.layer_norm_eps)
-            self.projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-        else:
-            self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
-            self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.projection_head = MSClipProjectionHead(config)
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
+        self.register_load_state_dict_pre_hook(_rename_legacy_head_keys_hook)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -914,11 +1029,6 @@ class MSClipModel(MSClipPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.embeddings.token_embedding = value
-
-    def _head(self, modality: str) -> tuple[nn.Module | None, nn.Module]:
-        if self.config.share_projection_head:
-            return self.head_layer_norm, self.projection
-        return None, (self.text_projection if modality == "text" else self.visual_projection)
 
     def encode_text(
         self,
@@ -928,11 +1038,11 @@ class MSClipModel(MSClipPreTrainedModel):
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
         """Text tower output whose ``pooler_output`` is the projected, unnormalised text embedding."""
-        layer_norm, projection = self._head("text")
+        head = self.projection_head
         output = self.text_model(
-            self.encoder, input_ids, attention_mask, output_hidden_states, output_attentions, layer_norm
+            self.encoder, head.layer_norm("text"), input_ids, attention_mask, output_hidden_states, output_attentions
         )
-        output.pooler_output = projection(output.pooler_output)
+        output.pooler_output = head.project("text", output.pooler_output)
         return output
 
     def encode_image(
@@ -943,11 +1053,16 @@ class MSClipModel(MSClipPreTrainedModel):
         interpolate_pos_encoding: bool = False,
     ) -> BaseModelOutputWithPooling:
         """Vision tower output whose ``pooler_output`` is the projected, unnormalised image embedding."""
-        layer_norm, projection = self._head("vision")
+        head = self.projection_head
         output = self.vision_model(
-            self.encoder, pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding, layer_norm
+            self.encoder,
+            head.layer_norm("vision"),
+            pixel_values,
+            output_hidden_states,
+            output_attentions,
+            interpolate_pos_encoding,
         )
-        output.pooler_output = projection(output.pooler_output)
+        output.pooler_output = head.project("vision", output.pooler_output)
         return output
 
     def get_text_features(
@@ -1209,15 +1324,31 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
     def __init__(self, config: MSClipConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.vision_model = MSClipVisionTower(config.vision_config, own_head_norm=not config.share_projection_head)
-        # A single-tower model normalises both modalities with one LayerNorm, stored where MSClipModel stores it.
-        self.head_layer_norm = None
-        if config.share_projection_head:
-            width, eps = config.vision_config.hidden_size, config.vision_config.layer_norm_eps
-            self.head_layer_norm = nn.LayerNorm(width, eps=eps)
+        self.vision_model = MSClipVisionTower(config.vision_config)
         self.encoder = MSClipEncoder(config, modalities=("vision",))
+        # The vision final LayerNorm, shared or not as in MSClipModel and under its name; the projection is not used.
+        self.projection_head = MSClipProjectionHead(config, modalities=("vision",), with_projection=False)
         self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
+        self.register_load_state_dict_pre_hook(_rename_legacy_head_keys_hook)
         self.post_init()
+
+    def pooled_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        """The vision tower output whose ``pooler_output`` is the input of the classifier: the class token after the
+        final LayerNorm (no projection)."""
+        return self.vision_model(
+            self.encoder,
+            self.projection_head.layer_norm("vision"),
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
 
     def forward(
         self,
@@ -1234,13 +1365,11 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
         if pixel_values is None:
             raise ValueError("MSClipForImageClassification.forward needs pixel_values")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.vision_model(
-            self.encoder,
+        outputs = self.pooled_image_features(
             pixel_values,
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
             interpolate_pos_encoding=interpolate_pos_encoding,
-            post_layernorm=self.head_layer_norm,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None

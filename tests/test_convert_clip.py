@@ -172,8 +172,10 @@ def test_export_refuses_what_clip_cannot_express(tmp_path):
 
     with pytest.raises(ValueError, match="share components between the towers.*parallel branch"):
         convert_to_clip(MSClipModel(MSClipConfig.from_preset("msclip-s-tiny")))
-    with pytest.raises(ValueError, match="text attention is bidirectional"):
+    with pytest.raises(ValueError, match=r"share head components \['final_layer_norm', 'projection'\].*bidirectional"):
         convert_to_clip(MSClipModel(MSClipConfig.from_preset("single-tower-tiny")))
+    with pytest.raises(ValueError, match=r"share head components \['projection'\]$"):
+        convert_to_clip(MSClipModel(MSClipConfig.from_preset("clip-tiny", shared_head_components=["projection"])))
 
 
 def test_export_refuses_a_processor_whose_end_id_is_not_the_models(tmp_path, msclip_tokenizer_dir, capsys):

@@ -361,11 +361,12 @@ def test_patch_dropout_of_a_checkpoint_is_reported_and_can_be_switched_off(tmp_p
 def test_text_initialised_head_gives_the_zero_shot_logits(preset, msclip_tokenizer_dir, tmp_path):
     torch.manual_seed(2)
     clip_model = MSClipModel(MSClipConfig.from_preset(preset)).eval()
-    if clip_model.config.share_projection_head:
-        # One LayerNorm for both modalities, outside the vision tower: make it matter.
+    if "final_layer_norm" in clip_model.config.shared_head_components:
+        # One LayerNorm for both modalities: make it matter.
+        shared_norm = clip_model.projection_head.final_layer_norm["shared"]
         with torch.no_grad():
-            clip_model.head_layer_norm.weight.uniform_(0.5, 1.5)
-            clip_model.head_layer_norm.bias.normal_()
+            shared_norm.weight.uniform_(0.5, 1.5)
+            shared_norm.bias.normal_()
     clip_model.save_pretrained(tmp_path)
     names = ["red", "green", "blue"]
     classifier = build_classification_model(names, checkpoint=str(tmp_path)).eval()

@@ -13,7 +13,8 @@ from conftest import REFERENCE_DIR, assert_close_to_scale, needs_reference
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForZeroShotImageClassification
 
-from modeling_msclip import MSClipConfig, MSClipForImageClassification, MSClipModel
+from modeling_msclip import MSClipConfig, MSClipForImageClassification, MSClipForPreTraining, MSClipModel
+from modeling_msclip.configuration_msclip import SHAREABLE_HEAD_COMPONENTS
 from modeling_msclip.convert_original_msclip import ConversionError, convert_state_dict, load_official_config
 from modeling_msclip.convert_original_msclip import main as convert_official_main
 
@@ -72,8 +73,8 @@ def test_converted_reference_reproduces_every_official_output(converted, attn_im
     vision = model.vision_model
     hooks = [
         vision.embeddings.patch_embedding.register_forward_hook(capture("vision_stem_output")),
-        vision.post_layernorm.register_forward_hook(capture("vision_pooled_ln_post_output")),
-        model.text_model.final_layer_norm.register_forward_hook(capture("text_pooled_ln_final_output")),
+        model.projection_head.layer_norm("vision").register_forward_hook(capture("vision_pooled_ln_post_output")),
+        model.projection_head.layer_norm("text").register_forward_hook(capture("text_pooled_ln_final_output")),
     ]
     if vision.parallel_branch is not None:
         stages = [vision.parallel_branch.first_stage, *vision.parallel_branch.bottlenecks]
@@ -311,6 +312,12 @@ def test_shared_parameters_are_stored_once_and_round_trip_bit_exactly(preset, tm
             assert module.is_shared == (name in components)
             if module.is_shared:
                 assert module.for_modality("text") is module.for_modality("vision")
+    # The head is built by the same rule, from shared_head_components.
+    for name in SHAREABLE_HEAD_COMPONENTS:
+        module = getattr(model.projection_head, name)
+        assert module.is_shared == (name in config.shared_head_components)
+        assert module.is_shared == preset.startswith("single-tower")
+        assert (module.for_modality("text") is module.for_modality("vision")) == module.is_shared
 
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
@@ -328,7 +335,9 @@ def test_missing_weights_are_initialised_under_meta_loading(tmp_path):
     config = MSClipConfig.from_preset("msclip-s-tiny")
     MSClipModel(config).save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
-    dropped = [k for k in state if k == "logit_scale" or "running_var" in k or "text_model.final_layer_norm" in k]
+    dropped = [
+        k for k in state if k == "logit_scale" or "running_var" in k or "projection_head.final_layer_norm.text" in k
+    ]
     save_file(
         {k: v for k, v in state.items() if k not in dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"}
     )
@@ -337,7 +346,7 @@ def test_missing_weights_are_initialised_under_meta_loading(tmp_path):
     for name, buffer in model.named_buffers():
         if name.endswith("running_var"):
             assert torch.equal(buffer, torch.ones_like(buffer)), name
-    assert torch.equal(model.text_model.final_layer_norm.weight, torch.ones(128))
+    assert torch.equal(model.projection_head.layer_norm("text").weight, torch.ones(128))
     assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
 
 
@@ -389,7 +398,8 @@ def test_image_classification_loads_vision_weights_from_an_msclip_checkpoint(tmp
     # The classifier's pooled feature (head LayerNorm of the class token) must be the dual encoder's.
     pooled = {}
     for name, owner in (("model", model), ("classifier", classifier)):
-        norm = owner.head_layer_norm if preset.startswith("single") else owner.vision_model.post_layernorm
+        norm = owner.projection_head.layer_norm("vision")
+        assert norm is owner.projection_head.final_layer_norm["shared" if preset.startswith("single") else "vision"]
         norm.register_forward_hook(lambda module, args, output, name=name: pooled.__setitem__(name, output))
     with torch.no_grad():
         model.get_image_features(pixel_values=pixels)
@@ -486,6 +496,20 @@ def test_config_rejects_impossible_sharing():
         MSClipConfig.from_preset("nope")
     with pytest.raises(ValueError, match="total stride"):
         MSClipConfig.from_preset("msclip-s-tiny", vision_config={"patch_size": 16, "conv_stem_strides": [2, 2, 2, 2]})
+    with pytest.raises(ValueError, match="sharing 'projection' in the heads needs equal text and vision hidden_size"):
+        MSClipConfig.from_preset("clip-b32", shared_head_components=["projection"])
+    with pytest.raises(ValueError, match="sharing 'final_layer_norm' in the heads needs equal .* layer_norm_eps"):
+        MSClipConfig.from_preset(
+            "msclip-tiny", shared_head_components=["final_layer_norm"], text_config={"layer_norm_eps": 1e-5}
+        )
+    with pytest.raises(ValueError, match=r"shared_head_components has unknown components \['ln_post'\]"):
+        MSClipConfig.from_preset("msclip-tiny", shared_head_components=["ln_post"])
+    with pytest.raises(ValueError, match=r"shared_settings_from must be one of \('text', 'vision'\), got 'image'"):
+        MSClipConfig.from_preset("msclip-tiny", shared_settings_from="image")
+    with pytest.raises(
+        ValueError, match=r"share_projection_head=True .* contradicts shared_head_components=\['projection'\]"
+    ):
+        MSClipConfig.from_preset("msclip-tiny", share_projection_head=True, shared_head_components=["projection"])
 
 
 def test_bad_inputs_get_clear_errors():
@@ -548,6 +572,154 @@ def test_a_saved_config_with_the_removed_batch_shared_blocks_still_loads(tmp_pat
     inputs = tiny_inputs(model.config, batch=2)
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits_per_image, model(**inputs).logits_per_image)
+
+
+# ------------------------------------------------------------------------------------------------- the heads
+
+# The state-dict keys of the heads before they were built from `MSClipModalityModules` (issue 15, item 3), written
+# out (not derived from the code under test), and their names now. Checked against the model at git 631d389.
+OLD_HEAD_KEYS = {
+    "separate": {
+        "text_model.final_layer_norm.weight": "projection_head.final_layer_norm.text.weight",
+        "text_model.final_layer_norm.bias": "projection_head.final_layer_norm.text.bias",
+        "vision_model.post_layernorm.weight": "projection_head.final_layer_norm.vision.weight",
+        "vision_model.post_layernorm.bias": "projection_head.final_layer_norm.vision.bias",
+        "text_projection.weight": "projection_head.projection.text.weight",
+        "visual_projection.weight": "projection_head.projection.vision.weight",
+    },
+    "shared": {  # share_projection_head=True
+        "head_layer_norm.weight": "projection_head.final_layer_norm.shared.weight",
+        "head_layer_norm.bias": "projection_head.final_layer_norm.shared.bias",
+        "projection.weight": "projection_head.projection.shared.weight",
+    },
+}
+
+
+def old_layout(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``state`` with the head under its old key names (``prefix``: ``msclip.`` for MSClipForPreTraining)."""
+    new_to_old = {prefix + new: prefix + old for names in OLD_HEAD_KEYS.values() for old, new in names.items()}
+    renamed = {new_to_old.get(key, key): value for key, value in state.items()}
+    assert len(renamed) == len(state) and renamed.keys() != state.keys()
+    return renamed
+
+
+def write_old_folder(model: MSClipModel | MSClipForPreTraining, folder, prefix: str = "") -> None:
+    """Save ``model`` as the code before the change did: old head keys, ``share_projection_head`` in config.json."""
+    model.save_pretrained(folder)
+    save_file(old_layout(model.state_dict(), prefix), folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    shared = config.pop("shared_head_components")
+    config.pop("shared_settings_from")
+    config["share_projection_head"] = shared == list(SHAREABLE_HEAD_COMPONENTS)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("preset", "share_projection_head"), [("msclip-s-tiny", False), ("single-tower-tiny", True)])
+def test_a_saved_config_with_share_projection_head_still_loads(preset, share_projection_head, tmp_path):
+    model = MSClipModel(MSClipConfig.from_preset(preset))
+    write_old_folder(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["share_projection_head"] is share_projection_head
+    config = MSClipConfig.from_pretrained(tmp_path)
+    assert config.shared_head_components == (list(SHAREABLE_HEAD_COMPONENTS) if share_projection_head else [])
+    assert not hasattr(config, "share_projection_head")
+    assert MSClipConfig(share_projection_head=False).shared_head_components == []
+    config.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "share_projection_head" not in saved and saved["shared_head_components"] == config.shared_head_components
+
+
+@pytest.mark.parametrize("preset", ["msclip-s-tiny", "single-tower-tiny"])
+def test_checkpoints_with_the_old_head_keys_load_with_identical_outputs(preset, tmp_path):
+    torch.manual_seed(0)
+    model = MSClipModel(MSClipConfig.from_preset(preset)).eval()
+    with torch.no_grad():  # LayerNorms away from their init, so that loading them is visible
+        for name, parameter in model.named_parameters():
+            if "final_layer_norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    inputs = tiny_inputs(model.config, batch=2)
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image
+    old_keys = OLD_HEAD_KEYS["shared" if preset.startswith("single") else "separate"]
+    assert set(old_keys) <= set(old_layout(model.state_dict()))
+
+    # from_pretrained of an old folder, and what it saves: the current names.
+    write_old_folder(model, tmp_path / "old")
+    loaded, info = MSClipModel.from_pretrained(tmp_path / "old", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**inputs).logits_per_image, expected)
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert set(load_file(tmp_path / "resaved" / "model.safetensors")) == set(model.state_dict())
+
+    # plain load_state_dict, also nested in MSClipForPreTraining (keys under msclip.)
+    fresh = MSClipModel(model.config).eval()
+    fresh.load_state_dict(old_layout(model.state_dict()), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits_per_image, expected)
+    pretraining = MSClipForPreTraining(model.config)
+    pretraining.msclip.load_state_dict(model.state_dict())
+    old_pretraining = old_layout(pretraining.state_dict(), prefix="msclip.")
+    assert set(f"msclip.{key}" for key in old_keys) <= set(old_pretraining)
+    reloaded = MSClipForPreTraining(model.config)
+    reloaded.load_state_dict(old_pretraining, strict=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded.msclip.eval()(**inputs).logits_per_image, expected)
+
+    # an old MSClipForPreTraining folder into MSClipModel, and an old MSClipModel folder into the classifier
+    write_old_folder(pretraining, tmp_path / "old_pretraining", prefix="msclip.")
+    from_pretraining, info = MSClipModel.from_pretrained(tmp_path / "old_pretraining", output_loading_info=True)
+    assert not info["missing_keys"]
+    with torch.no_grad():
+        assert torch.equal(from_pretraining.eval()(**inputs).logits_per_image, expected)
+    classifier, info = MSClipForImageClassification.from_pretrained(
+        tmp_path / "old", num_labels=3, output_loading_info=True
+    )
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
+    vision_norm = classifier.projection_head.layer_norm("vision")
+    assert torch.equal(vision_norm.weight, model.projection_head.layer_norm("vision").weight)
+
+
+def test_the_head_components_are_shared_one_by_one():
+    """One spec for blocks and heads: a shared projection with per-tower LayerNorms is as expressible as the reverse."""
+    torch.manual_seed(0)
+    config = MSClipConfig.from_preset("msclip-tiny", shared_head_components=["projection"])
+    model = MSClipModel(config).eval()
+    head = model.projection_head
+    assert head.projection.is_shared and not head.final_layer_norm.is_shared
+    assert head.project("text", torch.ones(1, 128)).shape == (1, 64)
+    assert head.projection.for_modality("text") is head.projection.for_modality("vision")
+    assert {key for key in model.state_dict() if key.startswith("projection_head.")} == {
+        "projection_head.projection.shared.weight",
+        *(f"projection_head.final_layer_norm.{m}.{p}" for m in ("text", "vision") for p in ("weight", "bias")),
+    }
+    with torch.no_grad():
+        assert model(**tiny_inputs(config, batch=2)).logits_per_image.shape == (2, 2)
+
+
+@pytest.mark.parametrize("settings_from", ["text", "vision"])
+def test_shared_modules_take_the_settings_of_the_tower_the_config_names(settings_from):
+    """A shared module is built from ``shared_settings_from``'s sub-config: what may still differ between the towers
+    (their depth, the attention implementation given per sub-config) comes from that tower, never silently from
+    text."""
+    config = MSClipConfig.from_preset(
+        "msclip-tiny",
+        vision_config={"num_hidden_layers": 6},
+        shared_components=[["attention", "mlp"]] * 6 + [[]] * 6,
+        shared_head_components=["final_layer_norm", "projection"],
+        shared_settings_from=settings_from,
+    )
+    implementations = {"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}
+    model = MSClipModel._from_config(config, attn_implementation=implementations)
+    chosen = model.config.modality_config(settings_from)
+    attention = model.encoder.layers[0].self_attn["shared"]
+    assert attention.config is chosen
+    assert attention.config.num_hidden_layers == (12 if settings_from == "text" else 6)
+    assert attention.config._attn_implementation == implementations[f"{settings_from}_config"]
+    assert model.projection_head.layer_norm("text").eps == chosen.layer_norm_eps
+    # Text-only blocks past the vision depth keep their own settings.
+    assert model.encoder.layers[8].self_attn["text"].config is model.config.text_config
+    with torch.no_grad():
+        assert model(**tiny_inputs(config, batch=2)).logits_per_image.shape == (2, 2)
 
 
 def test_unknown_keyword_arguments_are_refused_by_name():
