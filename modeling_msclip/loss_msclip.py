@@ -46,14 +46,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:  # the objective reads a config; the configuration module imports nothing from here
+    from .configuration_msclip import MSClipConfig
+
 __all__ = [
     "ClipLoss",
+    "ContrastiveObjective",
+    "MSClipObjective",
+    "PrototypeObjective",
+    "build_objective",
     "all_reduce_sum_with_grad",
     "NClipHead",
     "NClipLoss",
@@ -722,6 +730,126 @@ def xclip_loss(
 ) -> torch.Tensor:
     """xCLIP objective ``w_clip * clip_loss + w_nclip * nclip_total`` (project defaults 1 / 1)."""
     return w_clip * clip_loss + w_nclip * nclip_total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The objective of a configuration: one module, one call
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MSClipObjective(nn.Module):
+    """The pre-training objective: called on the model's features, returns the loss and its named terms.
+
+    ``features`` is anything with the fields of `MSClipPreTrainingOutput`: ``image_embeds``, ``text_embeds``,
+    ``logit_scale``, ``logit_bias`` (SigLIP) and ``image_prototype_scores`` / ``text_prototype_scores`` (nCLIP).
+    Subclasses are `ContrastiveObjective` (CLIP, SigLIP) and `PrototypeObjective` (nCLIP, xCLIP);
+    `build_objective` chooses one from the config, so nothing else compares loss names.
+    """
+
+    name: str = ""
+
+    @property
+    def supports_gradient_caching(self) -> bool:
+        """Whether the whole loss is a function of the pair embeddings alone (see `pair_loss`), which gradient
+        caching needs: it recomputes the embeddings micro-batch by micro-batch."""
+        return False
+
+    def pair_loss(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, *loss_params: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss on ``[N, D]`` pair embeddings and the loss parameters (``logit_scale`` [, ``logit_bias``]).
+
+        Raises:
+            NotImplementedError: for objectives that need more than the embeddings (`supports_gradient_caching`).
+        """
+        raise NotImplementedError(f"the {self.name} objective needs more than the pair embeddings")
+
+    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class ContrastiveObjective(MSClipObjective):
+    """CLIP's symmetric InfoNCE (`ClipLoss`) or SigLIP's sigmoid loss (`SigLipLoss`, with the model's bias)."""
+
+    def __init__(self, name: str, loss: ClipLoss | SigLipLoss) -> None:
+        super().__init__()
+        self.name = name
+        self.loss = loss
+
+    @property
+    def supports_gradient_caching(self) -> bool:
+        return True
+
+    def pair_loss(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, *loss_params: torch.Tensor
+    ) -> torch.Tensor:
+        return self.loss(image_embeds, text_embeds, *loss_params)
+
+    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        params = [features.logit_scale] + ([features.logit_bias] if isinstance(self.loss, SigLipLoss) else [])
+        loss = self.pair_loss(features.image_embeds, features.text_embeds, *params)
+        return loss, {self.name: loss}
+
+
+class PrototypeObjective(MSClipObjective):
+    """nCLIP on the prototype scores of the two heads, optionally plus CLIP (xCLIP:
+    ``clip_weight * clip + nclip_weight * nclip``)."""
+
+    def __init__(
+        self,
+        name: str,
+        nclip: NClipLoss,
+        contrastive: ClipLoss | None = None,
+        clip_weight: float = 1.0,
+        nclip_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.nclip = nclip
+        self.contrastive = contrastive
+        self.clip_weight = clip_weight
+        self.nclip_weight = nclip_weight
+
+    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms: dict[str, torch.Tensor] = {}
+        clip = None
+        if self.contrastive is not None:
+            clip = self.contrastive(features.image_embeds, features.text_embeds, features.logit_scale)
+            terms["clip"] = clip
+        nclip = self.nclip(features.image_prototype_scores, features.text_prototype_scores)
+        terms.update({key: value for key, value in vars(nclip).items() if key != "total"})
+        terms["nclip"] = nclip.total
+        if clip is None:
+            return nclip.total, terms
+        return xclip_loss(clip, nclip.total, self.clip_weight, self.nclip_weight), terms
+
+
+def build_objective(config: MSClipConfig) -> MSClipObjective:
+    """The objective of ``config.objective`` (``loss``: clip, siglip, nclip or xclip, and its settings).
+
+    Raises:
+        ValueError: naming an unknown loss.
+    """
+    objective, scale_max = config.objective_config, config.logit_scale_max
+    if objective.loss == "clip":
+        return ContrastiveObjective("clip", ClipLoss(objective.local_loss, objective.gather_with_grad, scale_max))
+    if objective.loss == "siglip":
+        return ContrastiveObjective("siglip", SigLipLoss(scale_max))
+    if objective.loss in ("nclip", "xclip"):
+        nclip = NClipLoss(
+            num_prototypes=objective.nclip_num_prototypes,
+            student_temp=objective.nclip_student_temperature,
+            teacher_temp=objective.nclip_teacher_temperature,
+            stop_grad_targets=objective.nclip_stop_grad_targets,
+            center_momentum=objective.nclip_center_momentum,
+            lambda_sharp=objective.nclip_lambda_sharp,
+            lambda_smooth=objective.nclip_lambda_smooth,
+        )
+        if objective.loss == "nclip":
+            return PrototypeObjective("nclip", nclip)
+        contrastive = ClipLoss(objective.local_loss, objective.gather_with_grad, scale_max)
+        return PrototypeObjective("xclip", nclip, contrastive, objective.clip_weight, objective.nclip_weight)
+    raise ValueError(f"unknown objective loss {objective.loss!r}; expected clip, siglip, nclip or xclip")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Each component of each block and of the head is held by a `MSClipModalityModules
 shared is therefore decided in one place (`modality_modules`, read from ``config.shared_components`` for the blocks
 and ``config.shared_head_components`` for the head) and every parameter exists once. Checkpoints saved before the
 head was built this way (``text_model.final_layer_norm``, ``vision_model.post_layernorm``, ``text_projection``,
-``visual_projection``, or ``head_layer_norm`` + ``projection``) still load: see `LEGACY_HEAD_KEYS`.
+``visual_projection``, or ``head_layer_norm`` + ``projection``) still load: see `LEGACY_KEYS`.
 """
 
 from __future__ import annotations
@@ -37,14 +37,12 @@ from transformers.utils import ModelOutput
 
 from .configuration_msclip import MODALITIES, MSClipConfig, MSClipTextConfig, MSClipVisionConfig
 from .loss_msclip import (
-    ClipLoss,
     NClipHead,
     NClipLoss,
     NClipPrototypes,
-    SigLipLoss,
     all_reduce_sum_with_grad,
+    build_objective,
     logit_scale_exp,
-    xclip_loss,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -831,45 +829,47 @@ class MSClipProjectionHead(nn.Module):
         return self.projection.for_modality(modality)(pooled)
 
 
-# Checkpoint keys of the head before it was built from `MSClipModalityModules`, and their names now, relative to the
-# model that owns the head (an `MSClipForPreTraining` checkpoint holds them under ``msclip.``).
-LEGACY_HEAD_KEYS = {
+# Checkpoint keys of earlier layouts and their names now: the head before it was built from `MSClipModalityModules`
+# (relative to the model that owns it; an `MSClipForPreTraining` checkpoint holds them under ``msclip.``) and the nCLIP
+# centre before the objective became one module (`loss_msclip.build_objective`).
+LEGACY_KEYS = {
     "text_model.final_layer_norm.": "projection_head.final_layer_norm.text.",
     "vision_model.post_layernorm.": "projection_head.final_layer_norm.vision.",
     "text_projection.": "projection_head.projection.text.",
     "visual_projection.": "projection_head.projection.vision.",
     "head_layer_norm.": "projection_head.final_layer_norm.shared.",  # share_projection_head=True
     "projection.": "projection_head.projection.shared.",
+    "nclip_loss.": "objective.nclip.",  # the nCLIP centre, before the objective became one module
 }
 # The prefixes under which a checkpoint may hold those keys: the model's own, or MSClipForPreTraining's.
-LEGACY_HEAD_KEY_PREFIXES = ("", "msclip.")
+LEGACY_KEY_PREFIXES = ("", "msclip.")
 
 
-def rename_legacy_head_keys(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Rename, in place, the keys of ``state_dict`` under ``prefix`` that name the head in the old layout
-    (`LEGACY_HEAD_KEYS`); returns ``state_dict``. Keys in the current layout are left alone."""
+def rename_legacy_keys(state_dict: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Rename, in place, the keys of ``state_dict`` under ``prefix`` that are spelled as in an earlier layout
+    (`LEGACY_KEYS`); returns ``state_dict``. Keys in the current layout are left alone."""
     for key in list(state_dict):
         if not key.startswith(prefix):
             continue
         relative = key[len(prefix) :]
-        for old, new in LEGACY_HEAD_KEYS.items():
+        for old, new in LEGACY_KEYS.items():
             if relative.startswith(old):
                 state_dict[prefix + new + relative[len(old) :]] = state_dict.pop(key)
                 break
     return state_dict
 
 
-def _rename_legacy_head_keys_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _rename_legacy_keys_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     # `load_state_dict` pre-hook of the models that own a head: the old key names load into the new modules.
-    rename_legacy_head_keys(state_dict, prefix)
+    rename_legacy_keys(state_dict, prefix)
 
 
-def legacy_head_key_mapping() -> dict[str, str]:
-    """`LEGACY_HEAD_KEYS` as the ``key_mapping`` of transformers' ``from_pretrained`` (anchored regexes)."""
+def legacy_key_mapping() -> dict[str, str]:
+    """`LEGACY_KEYS` as the ``key_mapping`` of transformers' ``from_pretrained`` (anchored regexes)."""
     return {
         f"^{re.escape(prefix + old)}": prefix + new
-        for prefix in LEGACY_HEAD_KEY_PREFIXES
-        for old, new in LEGACY_HEAD_KEYS.items()
+        for prefix in LEGACY_KEY_PREFIXES
+        for old, new in LEGACY_KEYS.items()
     }
 
 
@@ -932,9 +932,9 @@ class MSClipPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``from_pretrained``; a checkpoint with the head's old key names (`LEGACY_HEAD_KEYS`) loads
+        """transformers' ``from_pretrained``; a checkpoint with the head's old key names (`LEGACY_KEYS`) loads
         too, and the model then saves the current names."""
-        legacy = legacy_head_key_mapping()
+        legacy = legacy_key_mapping()
         kwargs["key_mapping"] = {**legacy, **(kwargs.get("key_mapping") or {})}
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -1021,7 +1021,7 @@ class MSClipModel(MSClipPreTrainedModel):
         self.encoder = MSClipEncoder(config)
         self.projection_head = MSClipProjectionHead(config)
         self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init_value)))
-        self.register_load_state_dict_pre_hook(_rename_legacy_head_keys_hook)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1211,11 +1211,9 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
         objective = config.objective_config
         self.msclip = MSClipModel(config)
         self.logit_bias = None
-        self.image_head = self.text_head = self.nclip_loss = None
-        if objective.loss in ("clip", "xclip"):
-            self.clip_loss = ClipLoss(objective.local_loss, objective.gather_with_grad, config.logit_scale_max)
+        self.image_head = self.text_head = None
+        self.objective = build_objective(config)
         if objective.loss == "siglip":
-            self.clip_loss = SigLipLoss(config.logit_scale_max)
             self.logit_bias = nn.Parameter(torch.full((1,), float(objective.siglip_logit_bias_init)))
         if objective.uses_nclip:
             head_kwargs = {
@@ -1234,19 +1232,11 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
                     f"text_head.prototypes.{name}": f"image_head.prototypes.{name}"
                     for name, _ in shared_prototypes.named_parameters()
                 }
-            self.nclip_loss = NClipLoss(
-                num_prototypes=objective.nclip_num_prototypes,
-                student_temp=objective.nclip_student_temperature,
-                teacher_temp=objective.nclip_teacher_temperature,
-                stop_grad_targets=objective.nclip_stop_grad_targets,
-                center_momentum=objective.nclip_center_momentum,
-                lambda_sharp=objective.nclip_lambda_sharp,
-                lambda_smooth=objective.nclip_lambda_smooth,
-            )
         if objective.loss == "nclip":
             # Pure nCLIP has no contrastive term: nothing trains the temperature, and DDP (which runs without
             # searching for unused parameters) must not wait for its gradient.
             self.msclip.logit_scale.requires_grad_(False)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -1273,7 +1263,6 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
         if return_loss:
             check_paired_batch(input_ids, pixel_values)
         outputs = self.msclip(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-        objective = self.config.objective_config
         result = MSClipPreTrainingOutput(
             logits_per_image=outputs.logits_per_image,
             logits_per_text=outputs.logits_per_text,
@@ -1287,23 +1276,7 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
             result.text_prototype_scores = self.text_head(outputs.text_model_output.pooler_output)
         if not return_loss:
             return result
-        terms: dict[str, torch.Tensor] = {}
-        loss = None
-        if objective.loss == "siglip":
-            loss = self.clip_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale, self.logit_bias)
-            terms["siglip"] = loss
-        elif objective.loss in ("clip", "xclip"):
-            loss = self.clip_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale)
-            terms["clip"] = loss
-        if self.nclip_loss is not None:
-            nclip = self.nclip_loss(result.image_prototype_scores, result.text_prototype_scores)
-            terms.update({key: value for key, value in vars(nclip).items() if key != "total"})
-            terms["nclip"] = nclip.total
-            loss = (
-                nclip.total
-                if loss is None
-                else xclip_loss(loss, nclip.total, objective.clip_weight, objective.nclip_weight)
-            )
+        loss, terms = self.objective(result)
         # The temperature the contrastive terms actually used (exp(logit_scale) capped at logit_scale_max).
         terms["logit_scale_exp"] = logit_scale_exp(outputs.logit_scale, self.config.logit_scale_max, torch.float32)
         result.loss = loss
@@ -1329,7 +1302,7 @@ class MSClipForImageClassification(MSClipPreTrainedModel):
         # The vision final LayerNorm, shared or not as in MSClipModel and under its name; the projection is not used.
         self.projection_head = MSClipProjectionHead(config, modalities=("vision",), with_projection=False)
         self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
-        self.register_load_state_dict_pre_hook(_rename_legacy_head_keys_hook)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
         self.post_init()
 
     def pooled_image_features(

@@ -281,9 +281,12 @@ class MSClipTrainer(Trainer):
         if self.is_deepspeed_enabled:
             raise ValueError("--contrastive_micro_batches is not available under DeepSpeed (its engine owns backward)")
         pretraining = self.accelerator.unwrap_model(model)
-        objective = pretraining.config.objective_config.loss
-        if objective not in ("clip", "siglip"):
-            raise ValueError(f"--contrastive_micro_batches needs the clip or siglip objective, not {objective!r}")
+        objective = pretraining.objective
+        if not objective.supports_gradient_caching:
+            raise ValueError(
+                f"--contrastive_micro_batches needs an objective of the pair embeddings alone (clip or siglip), not "
+                f"{objective.name!r}"
+            )
         model.train()
         inputs = self._prepare_inputs(inputs)
         batch = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values") if key in inputs}
@@ -291,10 +294,10 @@ class MSClipTrainer(Trainer):
         steps = self.current_gradient_accumulation_steps
         with self.compute_loss_context_manager():
             cached = gradcache_backward(
-                model, micro_batches, pretraining.clip_loss, backward_fn=lambda t: self.accelerator.backward(t / steps)
+                model, micro_batches, objective.pair_loss, backward_fn=lambda t: self.accelerator.backward(t / steps)
             )
         scale = logit_scale_exp(cached.loss_params[0], pretraining.config.logit_scale_max, torch.float32)
-        self._accept_loss({objective: cached.loss, "logit_scale_exp": scale})
+        self._accept_loss({objective.name: cached.loss, "logit_scale_exp": scale})
         return cached.loss / steps
 
     # ------------------------------------------------------------------ loss

@@ -191,7 +191,7 @@ def test_pretraining_model_with_siglip_bias_gets_every_gradient():
 
     expected_loss = reference(**batch).loss
     expected_loss.backward()
-    result = gradcache_backward(model, split_batch(batch, 4), model.clip_loss)
+    result = gradcache_backward(model, split_batch(batch, 4), model.objective.pair_loss)
 
     assert_close_to_scale(result.loss, expected_loss, TOLERANCE, "loss")
     assert len(result.loss_params) == 2

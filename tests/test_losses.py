@@ -461,3 +461,81 @@ def test_pretraining_model_keeps_the_nclip_head_initialisation():
             if isinstance(layer, torch.nn.Linear):
                 assert layer.weight.std().item() == pytest.approx(0.02, rel=0.1), layer
                 assert torch.count_nonzero(layer.bias) == 0
+
+
+# ---------------------------------------------------------------------------------------------- the objective factory
+
+
+@pytest.mark.parametrize(
+    ("loss", "kind", "caches"),
+    [
+        ("clip", "ContrastiveObjective", True),
+        ("siglip", "ContrastiveObjective", True),
+        ("nclip", "PrototypeObjective", False),
+        ("xclip", "PrototypeObjective", False),
+    ],
+)
+def test_build_objective_builds_the_configured_loss(loss, kind, caches):
+    from modeling_msclip import MSClipConfig
+    from modeling_msclip.loss_msclip import build_objective
+
+    objective = build_objective(MSClipConfig.from_preset("msclip-tiny", objective={"loss": loss}))
+    assert (type(objective).__name__, objective.name, objective.supports_gradient_caching) == (kind, loss, caches)
+    if not caches:
+        with pytest.raises(NotImplementedError, match=f"the {loss} objective needs more than the pair embeddings"):
+            objective.pair_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(()))
+
+
+def test_build_objective_names_an_unknown_loss():
+    from types import SimpleNamespace
+
+    from modeling_msclip.loss_msclip import build_objective
+
+    # The config refuses the name already; the factory still names it should a config bypass validation.
+    config = SimpleNamespace(objective_config=SimpleNamespace(loss="infonce"), logit_scale_max=100.0)
+    with pytest.raises(ValueError, match="unknown objective loss 'infonce'"):
+        build_objective(config)
+
+
+def test_the_pretraining_model_computes_xclip_through_its_objective_as_the_sum_of_its_parts():
+    from modeling_msclip import MSClipConfig, MSClipForPreTraining
+
+    torch.manual_seed(0)
+    config = MSClipConfig.from_preset("msclip-tiny", objective={"loss": "xclip", "clip_weight": 0.5})
+    model = MSClipForPreTraining(config).eval()
+    size = config.vision_config.image_size
+    batch = {"input_ids": torch.tensor([[1, 5, 7, 2], [1, 6, 2, 0]]), "pixel_values": torch.randn(2, 3, size, size)}
+    batch["input_ids"][batch["input_ids"] == 2] = config.text_config.eos_token_id
+    batch["input_ids"][1, 3] = 0
+    out = model(**batch, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    clip = ClipLoss()(out.image_embeds, out.text_embeds, out.logit_scale)
+    nclip = model.objective.nclip(out.image_prototype_scores, out.text_prototype_scores).total
+    assert_close_to_scale(out.loss, 0.5 * clip + nclip, 1e-6, "xclip")
+    assert_close_to_scale(out.loss_terms["clip"], clip.detach(), 1e-6, "clip term")
+
+
+def test_a_checkpoint_with_the_old_nclip_centre_key_loads(tmp_path):
+    from modeling_msclip import MSClipConfig, MSClipForPreTraining
+
+    torch.manual_seed(0)
+    model = MSClipForPreTraining(MSClipConfig.from_preset("msclip-tiny", objective={"loss": "nclip"}))
+    centre = torch.linspace(-1, 1, model.objective.nclip.center.numel())
+    old = {
+        ("nclip_loss.center" if key == "objective.nclip.center" else key): value
+        for key, value in model.state_dict().items()
+    }
+    old["nclip_loss.center"] = centre
+    assert "objective.nclip.center" not in old  # the layout before the objective was one module
+    fresh = MSClipForPreTraining(model.config)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.objective.nclip.center, centre)
+
+    model.objective.nclip.center.copy_(centre)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["nclip_loss.center"] = weights.pop("objective.nclip.center")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = MSClipForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(loaded.objective.nclip.center, centre)
