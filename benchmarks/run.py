@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_msclip import MSClipConfig, MSClipModel
-from modeling_msclip.data_msclip import ImageTextCollator
+from modeling_msclip.collators_msclip import ImageTextCollator
 from modeling_msclip.gradcache_msclip import gradcache_backward, split_batch
 from modeling_msclip.loss_msclip import ClipLoss
 from modeling_msclip.pretraining_msclip import apply_patch_dropout
@@ -613,7 +613,7 @@ def _write_demo_shards(folder: Path, num_records: int, image_size: int, num_shar
     shards in ``folder``; returns their captions."""
     import io
 
-    from modeling_msclip.data_msclip import WebDatasetShardWriter
+    from modeling_msclip.webdataset_msclip import WebDatasetShardWriter
     from processing.shapes_dataset import generate_examples
     from training.demo import demo_shapes_config
 
@@ -663,9 +663,9 @@ def section_data_loader(ctx: Context) -> Section:
     `DataLoader` with 0 / 2 / 4 workers (shards of the demo's PNG shapes data, decode + random resized crop +
     tokenisation) against the train pairs/s of ``msclip-s-demo`` on batches already in memory."""
     from modeling_msclip import MSClipConfig, MSClipForPreTraining, MSClipImageProcessor, train_msclip_tokenizer
-    from modeling_msclip.data_msclip import TrainImageTransform
     from modeling_msclip.pretraining_msclip import align_text_config_with_tokenizer
     from modeling_msclip.streaming_msclip import ImageTextStream, webdataset_source
+    from modeling_msclip.transforms_msclip import TrainImageTransform
     from training.demo import parse_arguments
 
     demo = parse_arguments([])  # the demo's defaults: preset, image size, batch size, crop scale, vocabulary

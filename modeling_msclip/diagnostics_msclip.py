@@ -451,24 +451,24 @@ def collect_diagnostics(
     Returns:
         `{"modality_gap": ..., "nmi_per_layer": [...], "attention": {...} or None, "num_pairs", "num_skipped"}`.
     """
-    from .data_msclip import decode_image
-    from .evaluation_msclip import (
-        _eval_mode,
-        _iter_rows,
-        _model_device_and_dtype,
-        _pixel_values,
+    from .encoding_msclip import (
+        eval_mode,
+        iter_rows,
+        model_device_and_dtype,
+        preprocess_images,
         split_processor,
     )
+    from .records_msclip import decode_image
 
     tokenizer, image_processor = split_processor(processor)
-    device, dtype = _model_device_and_dtype(model)
+    device, dtype = model_device_and_dtype(model)
     pooled_image: list[list[torch.Tensor]] = []
     pooled_text: list[list[torch.Tensor]] = []
     image_embeds, text_embeds, image_profiles, text_profiles = [], [], [], []
     num_skipped = 0
 
     def run_batch(images: list[Any], captions: list[str]) -> None:
-        pixel_values = _pixel_values(image_processor, images).to(device, dtype)
+        pixel_values = preprocess_images(image_processor, images).to(device, dtype)
         tokens = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         text_mask = tokens.get("attention_mask")
         inputs = {"input_ids": tokens["input_ids"].to(device), "pixel_values": pixel_values}
@@ -487,8 +487,8 @@ def collect_diagnostics(
 
     images: list[Any] = []
     captions: list[str] = []
-    with _eval_mode(model):
-        for index, row, error in _iter_rows(dataset):
+    with eval_mode(model):
+        for index, row, error in iter_rows(dataset):
             try:
                 if error is not None:
                     raise error

@@ -26,18 +26,14 @@ import torch
 from transformers import EvalPrediction, TrainerCallback
 
 from .configuration_msclip import MSClipConfig
-from .data_msclip import (
-    DataStats,
-    decode_image,
-    images_decodable,
-    load_dataset,
-    prepare_labels,
-)
-from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier, encode_images
+from .data_msclip import load_dataset, prepare_labels
+from .encoding_msclip import encode_images
+from .evaluation_msclip import DEFAULT_TEMPLATES, build_zero_shot_classifier
 from .loss_msclip import logit_scale_exp
 from .modeling_msclip import MSClipForImageClassification, MSClipModel
 from .pretraining_msclip import apply_patch_dropout
 from .processing_msclip import image_processor_only
+from .records_msclip import DataStats, decode_image, images_decodable
 
 logger = logging.getLogger(__name__)
 

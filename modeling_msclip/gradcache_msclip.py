@@ -202,8 +202,10 @@ def gradcache_backward(
     Args:
         model: The model (possibly `DistributedDataParallel`-wrapped) that ``embed_fn`` runs.
         micro_batches: The k micro-batches, e.g. ``split_batch(batch, k)``; each is passed to ``embed_fn``.
-        loss_fn: Called as ``loss_fn(image_embeds, text_embeds, *loss_params)`` on the ``[N, D]`` concatenation,
-            e.g. `ClipLoss` or `SigLipLoss` (distributed modes included: all ranks call this together).
+        loss_fn: Called as ``loss_fn(image_embeds, text_embeds, *loss_params)`` on the ``[N, D]`` concatenation:
+            the ``pair_loss`` of an objective whose ``supports_gradient_caching`` is true (``model.objective`` of an
+            `MSClipForPreTraining`, what the trainer passes), or a `ClipLoss` or `SigLipLoss` (distributed modes
+            included: all ranks call this together).
         embed_fn: ``embed_fn(model, micro_batch) -> ContrastiveEmbeddings``; the default calls the model's forward.
         backward_fn: Runs the backward of a scalar surrogate (default ``tensor.backward()``); pass e.g.
             ``lambda t: scaler.scale(t).backward()`` for fp16 loss scaling or ``accelerator.backward``.

@@ -5,7 +5,8 @@ The official MS-CLIP evaluation resizes the shortest edge to 224 with bicubic in
 This class reproduces that with PIL and NumPy only (no torchvision needed).
 
 Images of every PIL mode become RGB with `convert_image_to_rgb` (16-bit and float greyscale scaled to 8 bits, not
-clipped to white); the training and evaluation pipelines of ``modeling_msclip.data_msclip`` use the same function.
+clipped to white); the training and evaluation pipelines (``records_msclip.decode_image``, ``transforms_msclip``)
+use the same function.
 
 This file must only import the standard library, ``numpy`` and ``transformers`` (and PIL, which transformers' PIL
 backend needs anyway, inside functions): it is copied next to saved checkpoints and imported by

@@ -2,6 +2,10 @@
 # Licensed under the Apache License, Version 2.0.
 """Training objectives for MS-CLIP: symmetric InfoNCE (CLIP), sigmoid (SigLIP) and nCLIP/xCLIP.
 
+The losses are plain modules (`ClipLoss`, `SigLipLoss`, `NClipLoss`, `xclip_loss`); `build_objective(config)` wraps
+the configured one in an `MSClipObjective`, the one module `MSClipForPreTraining` and the trainer call
+(``loss, terms = objective(features)``; ``objective.pair_loss`` for gradient caching).
+
 Every loss here works in one process and across ranks of the default process group, and is written so that a
 data-parallel run gives the *same loss and the same parameter gradients* as one process on the global batch,
 assuming the gradient reduction averages over ranks (DDP, DeepSpeed and FSDP all do).
@@ -46,7 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -54,13 +58,15 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # the objective reads a config; the configuration module imports nothing from here
-    from .configuration_msclip import MSClipConfig
+    from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
 
 __all__ = [
     "ClipLoss",
-    "ContrastiveObjective",
+    "ClipObjective",
     "MSClipObjective",
-    "PrototypeObjective",
+    "NClipObjective",
+    "SigLipObjective",
+    "XClipObjective",
     "build_objective",
     "all_reduce_sum_with_grad",
     "NClipHead",
@@ -740,116 +746,213 @@ def xclip_loss(
 class MSClipObjective(nn.Module):
     """The pre-training objective: called on the model's features, returns the loss and its named terms.
 
-    ``features`` is anything with the fields of `MSClipPreTrainingOutput`: ``image_embeds``, ``text_embeds``,
-    ``logit_scale``, ``logit_bias`` (SigLIP) and ``image_prototype_scores`` / ``text_prototype_scores`` (nCLIP).
-    Subclasses are `ContrastiveObjective` (CLIP, SigLIP) and `PrototypeObjective` (nCLIP, xCLIP);
-    `build_objective` chooses one from the config, so nothing else compares loss names.
+    One subclass per loss (`ClipObjective`, `SigLipObjective`, `NClipObjective`, `XClipObjective`), chosen from the
+    config by `build_objective`. The class attributes say what the objective reads besides the pair embeddings, so
+    that the model builds the matching parameters without comparing loss names. Those parameters (the SigLIP bias,
+    the nCLIP heads) stay the model's: checkpoints keep their keys and optimizer states their order.
+
+    ``features`` is anything with the fields of `MSClipPreTrainingOutput` the objective reads: ``image_embeds``,
+    ``text_embeds``, ``logit_scale`` always, ``logit_bias`` if `uses_logit_bias`, ``image_prototype_scores`` and
+    ``text_prototype_scores`` if `uses_prototype_scores`.
+
+    Attributes:
+        name: The config's loss name; also the key of the loss's main term.
+        uses_logit_bias: The loss takes a SigLIP logit bias (the model holds ``logit_bias``).
+        uses_prototype_scores: The loss takes the prototype scores of the two nCLIP heads (the model holds them).
+        trains_logit_scale: The loss depends on ``logit_scale``. Where it does not, the model freezes the parameter:
+            DDP, which runs without searching for unused parameters, must not wait for its gradient.
+        logit_scale_max: The cap on ``exp(logit_scale)`` of the contrastive terms, also applied to the logged
+            temperature.
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    uses_logit_bias: ClassVar[bool] = False
+    uses_prototype_scores: ClassVar[bool] = False
+    trains_logit_scale: ClassVar[bool] = True
+
+    def __init__(self, logit_scale_max: float | None) -> None:
+        super().__init__()
+        self.logit_scale_max = logit_scale_max
 
     @property
     def supports_gradient_caching(self) -> bool:
-        """Whether the whole loss is a function of the pair embeddings alone (see `pair_loss`), which gradient
-        caching needs: it recomputes the embeddings micro-batch by micro-batch."""
+        """Whether the whole loss is `pair_loss`, a function of the pair embeddings and the loss parameters alone,
+        which gradient caching needs: it recomputes the embeddings micro-batch by micro-batch."""
         return False
 
     def pair_loss(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, *loss_params: torch.Tensor
     ) -> torch.Tensor:
-        """The loss on ``[N, D]`` pair embeddings and the loss parameters (``logit_scale`` [, ``logit_bias``]).
+        """The loss of ``[N, D]`` pair embeddings and the loss parameters (``logit_scale`` [, ``logit_bias``]), as
+        `gradcache_msclip.gradcache_backward` calls its ``loss_fn``.
 
         Raises:
-            NotImplementedError: for objectives that need more than the embeddings (`supports_gradient_caching`).
+            NotImplementedError: for an objective that needs more than the embeddings (see
+                `supports_gradient_caching`).
         """
         raise NotImplementedError(f"the {self.name} objective needs more than the pair embeddings")
 
-    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def pair_terms(
+        self, loss: torch.Tensor, logit_scale: torch.Tensor, *loss_params: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The terms `forward` reports, for a `pair_loss` computed elsewhere (by gradient caching) with these loss
+        parameters: ``{name: loss, "logit_scale_exp": temperature}``."""
+        return {self.name: loss, "logit_scale_exp": self.temperature(logit_scale)}
+
+    def temperature(self, logit_scale: torch.Tensor) -> torch.Tensor:
+        """``exp(logit_scale)`` capped at `logit_scale_max` (what the contrastive terms use), in fp32."""
+        return logit_scale_exp(logit_scale, self.logit_scale_max, torch.float32)
+
+    def loss_and_terms(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its named terms (what subclasses implement; `forward` adds the temperature)."""
         raise NotImplementedError
 
+    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute the objective.
 
-class ContrastiveObjective(MSClipObjective):
-    """CLIP's symmetric InfoNCE (`ClipLoss`) or SigLIP's sigmoid loss (`SigLipLoss`, with the model's bias)."""
+        Args:
+            features: the model's features (see the class docstring).
 
-    def __init__(self, name: str, loss: ClipLoss | SigLipLoss) -> None:
-        super().__init__()
-        self.name = name
-        self.loss = loss
+        Returns:
+            ``(loss, terms)``: the loss to back-propagate (this rank's share under data parallelism) and the named
+            terms to log, ``logit_scale_exp`` (the temperature used) last.
+        """
+        loss, terms = self.loss_and_terms(features)
+        terms["logit_scale_exp"] = self.temperature(features.logit_scale)
+        return loss, terms
+
+
+class ClipObjective(MSClipObjective):
+    """CLIP: symmetric InfoNCE over the pairs (`ClipLoss`); term ``clip``."""
+
+    name = "clip"
+
+    def __init__(self, clip: ClipLoss) -> None:
+        super().__init__(clip.logit_scale_max)
+        self.clip = clip
 
     @property
     def supports_gradient_caching(self) -> bool:
         return True
 
     def pair_loss(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, *loss_params: torch.Tensor
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
     ) -> torch.Tensor:
-        return self.loss(image_embeds, text_embeds, *loss_params)
+        return self.clip(image_embeds, text_embeds, logit_scale)
 
-    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        params = [features.logit_scale] + ([features.logit_bias] if isinstance(self.loss, SigLipLoss) else [])
-        loss = self.pair_loss(features.image_embeds, features.text_embeds, *params)
+    def loss_and_terms(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.pair_loss(features.image_embeds, features.text_embeds, features.logit_scale)
         return loss, {self.name: loss}
 
 
-class PrototypeObjective(MSClipObjective):
-    """nCLIP on the prototype scores of the two heads, optionally plus CLIP (xCLIP:
-    ``clip_weight * clip + nclip_weight * nclip``)."""
+class SigLipObjective(MSClipObjective):
+    """SigLIP: the pairwise sigmoid loss (`SigLipLoss`) with the model's ``logit_bias``; term ``siglip``."""
 
-    def __init__(
+    name = "siglip"
+    uses_logit_bias = True
+
+    def __init__(self, siglip: SigLipLoss) -> None:
+        super().__init__(siglip.logit_scale_max)
+        self.siglip = siglip
+
+    @property
+    def supports_gradient_caching(self) -> bool:
+        return True
+
+    def pair_loss(
         self,
-        name: str,
-        nclip: NClipLoss,
-        contrastive: ClipLoss | None = None,
-        clip_weight: float = 1.0,
-        nclip_weight: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.name = name
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.siglip(image_embeds, text_embeds, logit_scale, logit_bias)
+
+    def loss_and_terms(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.pair_loss(features.image_embeds, features.text_embeds, features.logit_scale, features.logit_bias)
+        return loss, {self.name: loss}
+
+
+class NClipObjective(MSClipObjective):
+    """nCLIP on the prototype scores of the two heads (`NClipLoss`); terms ``nclip`` and its parts and diagnostics
+    (`NClipLossOutput`). It holds the loss's centre buffer (``nclip.center``)."""
+
+    name = "nclip"
+    uses_prototype_scores = True
+    trains_logit_scale = False
+
+    def __init__(self, nclip: NClipLoss, logit_scale_max: float | None = 100.0) -> None:
+        super().__init__(logit_scale_max)
         self.nclip = nclip
-        self.contrastive = contrastive
+
+    def nclip_terms(self, features: Any, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Add the nCLIP terms of ``features`` to ``terms`` and return the nCLIP total."""
+        output = self.nclip(features.image_prototype_scores, features.text_prototype_scores)
+        terms.update({key: value for key, value in vars(output).items() if key != "total"})
+        terms["nclip"] = output.total
+        return output.total
+
+    def loss_and_terms(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms: dict[str, torch.Tensor] = {}
+        return self.nclip_terms(features, terms), terms
+
+
+class XClipObjective(NClipObjective):
+    """xCLIP: ``clip_weight * clip + nclip_weight * nclip`` (`xclip_loss`); the terms of CLIP and of nCLIP."""
+
+    name = "xclip"
+    trains_logit_scale = True
+
+    def __init__(self, clip: ClipLoss, nclip: NClipLoss, clip_weight: float = 1.0, nclip_weight: float = 1.0) -> None:
+        super().__init__(nclip, clip.logit_scale_max)
+        self.clip = clip
         self.clip_weight = clip_weight
         self.nclip_weight = nclip_weight
 
-    def forward(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms: dict[str, torch.Tensor] = {}
-        clip = None
-        if self.contrastive is not None:
-            clip = self.contrastive(features.image_embeds, features.text_embeds, features.logit_scale)
-            terms["clip"] = clip
-        nclip = self.nclip(features.image_prototype_scores, features.text_prototype_scores)
-        terms.update({key: value for key, value in vars(nclip).items() if key != "total"})
-        terms["nclip"] = nclip.total
-        if clip is None:
-            return nclip.total, terms
-        return xclip_loss(clip, nclip.total, self.clip_weight, self.nclip_weight), terms
+    def extra_repr(self) -> str:
+        return f"clip_weight={self.clip_weight}, nclip_weight={self.nclip_weight}"
+
+    def loss_and_terms(self, features: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        clip = self.clip(features.image_embeds, features.text_embeds, features.logit_scale)
+        terms = {"clip": clip}
+        nclip = self.nclip_terms(features, terms)
+        return xclip_loss(clip, nclip, self.clip_weight, self.nclip_weight), terms
 
 
 def build_objective(config: MSClipConfig) -> MSClipObjective:
-    """The objective of ``config.objective`` (``loss``: clip, siglip, nclip or xclip, and its settings).
+    """The objective of ``config.objective`` (its ``loss``: clip, siglip, nclip or xclip, and their settings), with
+    the cap ``config.logit_scale_max`` on the temperature.
 
     Raises:
         ValueError: naming an unknown loss.
     """
     objective, scale_max = config.objective_config, config.logit_scale_max
     if objective.loss == "clip":
-        return ContrastiveObjective("clip", ClipLoss(objective.local_loss, objective.gather_with_grad, scale_max))
+        return ClipObjective(ClipLoss(objective.local_loss, objective.gather_with_grad, scale_max))
     if objective.loss == "siglip":
-        return ContrastiveObjective("siglip", SigLipLoss(scale_max))
-    if objective.loss in ("nclip", "xclip"):
-        nclip = NClipLoss(
-            num_prototypes=objective.nclip_num_prototypes,
-            student_temp=objective.nclip_student_temperature,
-            teacher_temp=objective.nclip_teacher_temperature,
-            stop_grad_targets=objective.nclip_stop_grad_targets,
-            center_momentum=objective.nclip_center_momentum,
-            lambda_sharp=objective.nclip_lambda_sharp,
-            lambda_smooth=objective.nclip_lambda_smooth,
+        return SigLipObjective(SigLipLoss(scale_max))
+    if objective.loss == "nclip":
+        return NClipObjective(_nclip_loss(objective), scale_max)
+    if objective.loss == "xclip":
+        return XClipObjective(
+            ClipLoss(objective.local_loss, objective.gather_with_grad, scale_max),
+            _nclip_loss(objective),
+            objective.clip_weight,
+            objective.nclip_weight,
         )
-        if objective.loss == "nclip":
-            return PrototypeObjective("nclip", nclip)
-        contrastive = ClipLoss(objective.local_loss, objective.gather_with_grad, scale_max)
-        return PrototypeObjective("xclip", nclip, contrastive, objective.clip_weight, objective.nclip_weight)
     raise ValueError(f"unknown objective loss {objective.loss!r}; expected clip, siglip, nclip or xclip")
+
+
+def _nclip_loss(objective: MSClipObjectiveConfig) -> NClipLoss:
+    return NClipLoss(
+        num_prototypes=objective.nclip_num_prototypes,
+        student_temp=objective.nclip_student_temperature,
+        teacher_temp=objective.nclip_teacher_temperature,
+        stop_grad_targets=objective.nclip_stop_grad_targets,
+        center_momentum=objective.nclip_center_momentum,
+        lambda_sharp=objective.nclip_lambda_sharp,
+        lambda_smooth=objective.nclip_lambda_smooth,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from .loss_msclip import (
     NClipPrototypes,
     all_reduce_sum_with_grad,
     build_objective,
-    logit_scale_exp,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1198,7 +1197,8 @@ class MSClipPreTrainingOutput(ModelOutput):
 
 
 class MSClipForPreTraining(MSClipPreTrainedModel):
-    """`MSClipModel` plus what only pre-training needs: the objective of ``config.objective``, nCLIP heads and the
+    """`MSClipModel` plus what only pre-training needs: ``objective``, the module `loss_msclip.build_objective` makes
+    of ``config.objective`` (the forward's only loss call), and the parameters it reads: the nCLIP heads and the
     SigLIP bias.
 
     Its checkpoints hold ``msclip.*`` (loadable by `MSClipModel.from_pretrained`, which drops the prefix and the
@@ -1208,23 +1208,24 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
 
     def __init__(self, config: MSClipConfig) -> None:
         super().__init__(config)
-        objective = config.objective_config
+        settings = config.objective_config
         self.msclip = MSClipModel(config)
+        self.objective = build_objective(config)
+        # The parameters the objective reads are the model's, under the keys checkpoints have always had.
         self.logit_bias = None
         self.image_head = self.text_head = None
-        self.objective = build_objective(config)
-        if objective.loss == "siglip":
-            self.logit_bias = nn.Parameter(torch.full((1,), float(objective.siglip_logit_bias_init)))
-        if objective.uses_nclip:
+        if self.objective.uses_logit_bias:
+            self.logit_bias = nn.Parameter(torch.full((1,), float(settings.siglip_logit_bias_init)))
+        if self.objective.uses_prototype_scores:
             head_kwargs = {
                 "in_dim": config.projection_dim,
-                "hidden_dim": objective.nclip_hidden_dim,
-                "bottleneck_dim": objective.nclip_bottleneck_dim,
-                "num_layers": objective.nclip_head_layers,
-                "num_prototypes": objective.nclip_num_prototypes,
+                "hidden_dim": settings.nclip_hidden_dim,
+                "bottleneck_dim": settings.nclip_bottleneck_dim,
+                "num_layers": settings.nclip_head_layers,
+                "num_prototypes": settings.nclip_num_prototypes,
             }
             self.image_head = NClipHead(**head_kwargs)
-            shared_prototypes = self.image_head.prototypes if objective.nclip_share_prototypes else None
+            shared_prototypes = self.image_head.prototypes if settings.nclip_share_prototypes else None
             self.text_head = NClipHead(**head_kwargs, prototypes=shared_prototypes)
             if shared_prototypes is not None:
                 # One prototype matrix reachable from both heads: declared so checkpoints store it once.
@@ -1232,9 +1233,9 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
                     f"text_head.prototypes.{name}": f"image_head.prototypes.{name}"
                     for name, _ in shared_prototypes.named_parameters()
                 }
-        if objective.loss == "nclip":
-            # Pure nCLIP has no contrastive term: nothing trains the temperature, and DDP (which runs without
-            # searching for unused parameters) must not wait for its gradient.
+        if not self.objective.trains_logit_scale:
+            # Nothing trains the temperature (pure nCLIP), and DDP (which runs without searching for unused
+            # parameters) must not wait for its gradient.
             self.msclip.logit_scale.requires_grad_(False)
         self.register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
         self.post_init()
@@ -1277,8 +1278,6 @@ class MSClipForPreTraining(MSClipPreTrainedModel):
         if not return_loss:
             return result
         loss, terms = self.objective(result)
-        # The temperature the contrastive terms actually used (exp(logit_scale) capped at logit_scale_max).
-        terms["logit_scale_exp"] = logit_scale_exp(outputs.logit_scale, self.config.logit_scale_max, torch.float32)
         result.loss = loss
         result.loss_terms = {key: value.detach().float().reshape(()) for key, value in terms.items()}
         return result

@@ -21,17 +21,11 @@ from transformers import (
     TrainingArguments,
 )
 
+from .collators_msclip import ImageTextCollator
 from .configuration_msclip import MSClipConfig, MSClipObjectiveConfig
-from .data_msclip import (
-    DataStats,
-    ImageTextCollator,
-    detect_format,
-    drop_bad_records,
-    load_dataset,
-    prepare_labels,
-    read_nonempty_lines,
-)
+from .data_msclip import detect_format, load_dataset, prepare_labels
 from .modeling_msclip import MSClipForPreTraining
+from .records_msclip import DataStats, drop_bad_records, read_nonempty_lines
 from .streaming_msclip import ImageTextStream, StreamMonitor, build_stream_sources
 
 logger = logging.getLogger(__name__)
@@ -266,7 +260,8 @@ def build_zero_shot_callback(
 ) -> TrainerCallback:
     """A `ZeroShotEvalCallback` on the labelled images of ``source`` (any format of docs/data.md), with retrieval on
     its captions too unless it is a class-folder tree; ``templates`` default to the generic CLIP prompts."""
-    from .evaluation_msclip import DEFAULT_TEMPLATES, ZeroShotEvalCallback
+    from .evaluation_callback_msclip import ZeroShotEvalCallback
+    from .evaluation_msclip import DEFAULT_TEMPLATES
 
     labelled = load_dataset(source, format=format, task="classification", split=split, label_column=label_column)
     labelled, class_names = prepare_labels(labelled, class_names=class_names, require_class_names=True)

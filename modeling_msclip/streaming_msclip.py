@@ -50,16 +50,9 @@ from typing import Any
 import datasets
 import torch
 
-from .data_msclip import (
-    EMPTY_CAPTION,
-    DataStats,
-    _open_shard,
-    _seeded_global_rng,
-    find_webdataset_shards,
-    iter_webdataset_shard,
-    record_name,
-    split_member_name,
-)
+from .records_msclip import EMPTY_CAPTION, DataStats, record_name
+from .transforms_msclip import seeded_global_rng
+from .webdataset_msclip import find_webdataset_shards, iter_webdataset_shard, open_shard, split_member_name
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +111,7 @@ def webdataset_shard_list(location: str, split: str | None = None) -> list[str]:
         return splits[split]
     import fsspec
 
-    from .data_msclip import expand_braces
+    from .webdataset_msclip import expand_braces
 
     shards: list[str] = []
     for pattern in expand_braces(location):
@@ -158,7 +151,7 @@ def count_webdataset_samples(shards: Sequence[str]) -> int:
             continue
         keys = set()
         try:
-            with _open_shard(shard) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
+            with open_shard(shard) as handle, tarfile.open(fileobj=handle, mode="r|*") as archive:
                 for member in archive:
                     key, _ = split_member_name(member.name) if member.isfile() else (None, None)
                     if key is not None:
@@ -513,7 +506,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             while len(captions) < self.batch_size:
                 source_index, record = next(records)
                 drawn += 1
-                with _seeded_global_rng(hash((self.seed, self.epoch, slot, drawn))):
+                with seeded_global_rng(hash((self.seed, self.epoch, slot, drawn))):
                     caption, pixels, problem, detail = self.collator.decode_record(record)
                 if problem is not None:
                     skipped.append([problem, record_name(record), detail])

@@ -28,9 +28,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing_msclip import OutputArguments
-from .data_msclip import SAMPLE_KEYS, DataStats
 from .gradcache_msclip import gradcache_backward, split_batch
-from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_, logit_scale_exp
+from .loss_msclip import FINITE_LOSS_POLICIES, check_finite_loss, clamp_logit_scale_
+from .records_msclip import SAMPLE_KEYS, DataStats
 from .streaming_msclip import RESUME_MARKER_KEY, STREAM_INFO_KEY, ImageTextStream, StreamMonitor, save_stream_state
 
 NONFINITE_POLICIES = ("auto", *FINITE_LOSS_POLICIES)
@@ -296,8 +296,7 @@ class MSClipTrainer(Trainer):
             cached = gradcache_backward(
                 model, micro_batches, objective.pair_loss, backward_fn=lambda t: self.accelerator.backward(t / steps)
             )
-        scale = logit_scale_exp(cached.loss_params[0], pretraining.config.logit_scale_max, torch.float32)
-        self._accept_loss({objective.name: cached.loss, "logit_scale_exp": scale})
+        self._accept_loss(objective.pair_terms(cached.loss, *cached.loss_params))
         return cached.loss / steps
 
     # ------------------------------------------------------------------ loss

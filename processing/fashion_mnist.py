@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image
 
 try:
-    from modeling_msclip.data_msclip import prepare_output_dir
+    from modeling_msclip.webdataset_msclip import prepare_output_dir
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling_msclip.data_msclip import prepare_output_dir
+    from modeling_msclip.webdataset_msclip import prepare_output_dir
 
 DEFAULT_INPUT_DIR = "/usr/share/datasets/fashion-mnist"
 # The names CLIP-style zero-shot benchmarks use, in Fashion-MNIST label order.

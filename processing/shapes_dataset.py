@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from modeling_msclip.data_msclip import WebDatasetShardWriter, prepare_output_dir
+from modeling_msclip.webdataset_msclip import WebDatasetShardWriter, prepare_output_dir
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {

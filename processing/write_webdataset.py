@@ -18,10 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 try:
-    from modeling_msclip.data_msclip import DataStats, load_image_text_dataset, write_webdataset
+    from modeling_msclip.data_msclip import load_image_text_dataset
+    from modeling_msclip.records_msclip import DataStats
+    from modeling_msclip.webdataset_msclip import write_webdataset
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling_msclip.data_msclip import DataStats, load_image_text_dataset, write_webdataset
+    from modeling_msclip.data_msclip import load_image_text_dataset
+    from modeling_msclip.records_msclip import DataStats
+    from modeling_msclip.webdataset_msclip import write_webdataset
 
 
 def main(argv: Sequence[str] | None = None) -> int:

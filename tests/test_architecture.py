@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "modeling_msclip"
 COMMAND_LINE_NAMES = ("argparse", "HfArgumentParser", "sys.argv")
 
@@ -55,8 +57,37 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_library_has_no_import_cycle():
     graph = module_imports()
-    assert "evaluation_msclip" in graph["pretraining_msclip"]  # the walk sees function-level imports
+    assert "evaluation_callback_msclip" in graph["pretraining_msclip"]  # the walk sees function-level imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# The files of the data and evaluation layers, bottom to top (docs/architecture.md): each imports only those before it.
+LAYER_FILES = {
+    "data": [
+        "records_msclip",
+        "transforms_msclip",
+        "collators_msclip",
+        "webdataset_msclip",
+        "data_msclip",
+        "streaming_msclip",
+    ],
+    "evaluation": [
+        "metrics_msclip",
+        "encoding_msclip",
+        "evaluation_msclip",
+        "evaluation_callback_msclip",
+        "diagnostics_msclip",
+    ],
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_FILES))
+def test_the_files_of_a_layer_import_only_the_files_below_them(layer):
+    graph = module_imports()
+    files = LAYER_FILES[layer]
+    assert set(files) <= set(graph)
+    upward = {module: sorted(set(graph[module]) & set(files[index + 1 :])) for index, module in enumerate(files)}
+    assert not any(upward.values()), upward
 
 
 def test_the_cycle_finder_finds_a_cycle():

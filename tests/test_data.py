@@ -20,23 +20,13 @@ import torch
 from conftest import assert_close_to_scale, close_to_scale
 from PIL import Image
 
-from modeling_msclip.data_msclip import (
-    DataStats,
-    ImageClassificationCollator,
-    ImageProcessorTransform,
-    ImageTextCollator,
-    TrainImageTransform,
-    decode_image,
-    detect_format,
-    drop_bad_records,
-    expand_braces,
-    extract_caption,
-    load_class_folder_dataset,
-    load_image_text_dataset,
-    write_webdataset,
-)
+from modeling_msclip.collators_msclip import ImageClassificationCollator, ImageTextCollator
+from modeling_msclip.data_msclip import detect_format, load_class_folder_dataset, load_image_text_dataset
 from modeling_msclip.image_processing_msclip import MSClipImageProcessor
+from modeling_msclip.records_msclip import DataStats, decode_image, drop_bad_records, extract_caption
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
+from modeling_msclip.transforms_msclip import ImageProcessorTransform, TrainImageTransform
+from modeling_msclip.webdataset_msclip import expand_braces, write_webdataset
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 COLOR_OF = {0: (200, 30, 30), 1: (30, 200, 30), 2: (30, 30, 200), 3: (200, 200, 30), 4: (30, 200, 200)}

@@ -3,7 +3,7 @@ pre-training see it, and the conversion of every PIL image mode to RGB.
 
 Real files written with PIL into tmp_path, no mocks:
 
-* evaluation (the zero-shot and linear-probe paths of training/run_evaluation.py, i.e. `evaluation_msclip.main`) on
+* evaluation (the zero-shot and linear-probe paths of training/run_evaluation.py, i.e. `run_evaluation.main`) on
   a ``metadata.jsonl`` + ``images/*.png`` folder with a label column gives the class count and the accuracy computed
   here by hand; the same layout without a label column is refused for classification with the columns named;
 * a missing local path is a FileNotFoundError naming it (never a Hub download), class folders are refused for the
@@ -29,14 +29,16 @@ from PIL import Image
 from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipModel, MSClipProcessor
 from modeling_msclip import evaluation_msclip as ev
 from modeling_msclip.data_msclip import (
-    decode_image,
     detect_format,
     load_dataset,
     load_image_text_dataset,
     looks_like_hub_id,
     prepare_labels,
 )
+from modeling_msclip.encoding_msclip import encode_images, load_model_and_processor
 from modeling_msclip.finetuning_msclip import load_classification_dataset
+from modeling_msclip.metrics_msclip import linear_probe
+from modeling_msclip.records_msclip import decode_image
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
 from training import run_evaluation
 
@@ -127,7 +129,7 @@ def test_evaluation_reads_metadata_and_images_folder_with_a_label_column(saved_m
     assert probe["num_classes"] == 3 and probe["num_test"] == len(truth)
 
     # The same numbers by hand, from the image files and the colours written into metadata.jsonl.
-    model, processor = ev.load_model_and_processor(saved_model, "cpu")
+    model, processor = load_model_and_processor(saved_model, "cpu")
     names = sorted(truth)
     images = [Image.open(tmp_path / "data" / "images" / name).convert("RGB") for name in names]
     labels = [class_names.index(truth[name]) for name in names]
@@ -141,8 +143,8 @@ def test_evaluation_reads_metadata_and_images_folder_with_a_label_column(saved_m
         truth[Path(record["image"]["path"]).name] for record in dataset
     ]
     images = [decode_image(record["image"]) for record in dataset]
-    features = ev.encode_images(model, processor.image_processor, images, batch_size=5)
-    by_hand = ev.linear_probe(features, torch.tensor(dataset["label"]), features, torch.tensor(dataset["label"]))
+    features = encode_images(model, processor.image_processor, images, batch_size=5)
+    by_hand = linear_probe(features, torch.tensor(dataset["label"]), features, torch.tensor(dataset["label"]))
     assert probe["accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-9)
     assert probe["mean_per_class_recall"] == pytest.approx(by_hand["mean_per_class_recall"], abs=1e-9)
 
@@ -239,7 +241,7 @@ def test_class_folders_carry_no_captions(tmp_path):
     with pytest.raises(ValueError, match="class folders carry no captions"):
         ev.load_eval_dataset(tmp_path / "classes", purpose="retrieval")
     # Pre-training (training/run_pretrain.py build_datasets) says so at load time instead of sampling an empty dataset.
-    from modeling_msclip.data_msclip import DataStats
+    from modeling_msclip.records_msclip import DataStats
     from training.run_pretrain import DataArguments, build_datasets
 
     with pytest.raises(ValueError, match="class folders carry no captions"):
@@ -429,7 +431,7 @@ def test_every_image_mode_becomes_the_expected_rgb(tmp_path, name, image, expect
 
 
 def test_sixteen_bit_is_not_white_through_the_eval_transform():
-    from modeling_msclip.data_msclip import ImageProcessorTransform
+    from modeling_msclip.transforms_msclip import ImageProcessorTransform
 
     sixteen = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
     processor = MSClipImageProcessor.from_preset("msclip", image_size=32)

@@ -406,7 +406,7 @@ def _clip_tokenizer(inputs: TinyInputs):
 
 
 def _collator(inputs: TinyInputs):
-    from modeling_msclip.data_msclip import ImageTextCollator
+    from modeling_msclip.collators_msclip import ImageTextCollator
     from modeling_msclip.image_processing_msclip import MSClipImageProcessor
 
     image_processor = MSClipImageProcessor.from_preset("msclip", image_size=32)

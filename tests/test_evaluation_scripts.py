@@ -18,7 +18,9 @@ from PIL import Image
 
 from modeling_msclip import MSClipConfig, MSClipImageProcessor, MSClipModel, MSClipProcessor
 from modeling_msclip import evaluation_msclip as ev
-from modeling_msclip.data_msclip import decode_image
+from modeling_msclip.encoding_msclip import load_model_and_processor
+from modeling_msclip.metrics_msclip import linear_probe
+from modeling_msclip.records_msclip import decode_image
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
 from processing.shapes_dataset import (
     COLOR_NAMES,
@@ -99,7 +101,7 @@ def test_run_evaluation_script_on_shapes_writes_zero_shot_and_retrieval(saved_mo
 
 def test_shapes_evaluation_equals_the_generic_evaluations(saved_model, shapes_dirs):
     folder, shards = shapes_dirs
-    model, processor = ev.load_model_and_processor(saved_model, "cpu")
+    model, processor = load_model_and_processor(saved_model, "cpu")
     shapes = evaluate_shapes_dataset(model, processor, folder, tasks=["color"], batch_size=8)
     assert set(shapes) == {"zeroshot_color", "retrieval"}
     # Shards keep the labels inside each sample's JSON: refused with the reason, not scored as all-skipped.
@@ -154,7 +156,7 @@ def test_class_folders_with_splits_and_saved_datasets_give_the_same_zero_shot(sa
         (tmp_path / "fm" / split / "metadata.jsonl").write_text(metadata)
         rows = []
 
-    model, processor = ev.load_model_and_processor(saved_model, "cpu")
+    model, processor = load_model_and_processor(saved_model, "cpu")
     # The metadata file makes it an image folder, and it has no label column: classification asks for the format.
     with pytest.raises(ValueError, match="no label column.*format='classfolder'"):
         ev.load_eval_dataset(tmp_path / "fm", split="test", purpose="classification")
@@ -222,7 +224,7 @@ def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_visi
         assert f"--{option[2:].replace('-', '_')} cannot be evaluated" in message and "no text tower" in message
         assert "eval_results.json" in message and "--linear_probe_train" in message
     with pytest.raises(ValueError, match="fine-tuned image classifier"):
-        ev.load_model_and_processor(folder, "cpu")
+        load_model_and_processor(folder, "cpu")
     # A checkpoint that lacks weights MSClipModel needs is refused too, naming them (here the classifier's weights
     # with a config that does not say what it is).
     partial = tmp_path / "partial"
@@ -231,7 +233,7 @@ def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_visi
     del partial_config["architectures"]
     (partial / "config.json").write_text(json.dumps(partial_config))
     with pytest.raises(ValueError, match=r"lacks \d+ weight"):
-        ev.load_model_and_processor(partial, "cpu")
+        load_model_and_processor(partial, "cpu")
 
     # The linear probe runs on its vision features: the pooled class token that its head reads.
     argv = ["--model", str(folder), "--device", "cpu", "--batch-size", "5"]
@@ -248,7 +250,7 @@ def test_a_finetuned_classifier_is_refused_for_text_tasks_and_probed_on_its_visi
             classifier(pixel_values=image_processor(images=images, return_tensors="pt")["pixel_values"])
         return seen[0], torch.tensor(dataset["label"])
 
-    by_hand = ev.linear_probe(*head_inputs("train"), *head_inputs("test"))
+    by_hand = linear_probe(*head_inputs("train"), *head_inputs("test"))
     hook.remove()
     assert probe["num_train"] == 12 and probe["num_test"] == 9 and probe["num_classes"] == 3
     assert probe["accuracy"] == pytest.approx(by_hand["accuracy"], abs=1e-9)

@@ -22,7 +22,7 @@ from modeling_msclip import (
     MSClipProcessor,
     train_msclip_tokenizer,
 )
-from modeling_msclip.data_msclip import ImageTextCollator
+from modeling_msclip.collators_msclip import ImageTextCollator
 
 SIZE = 64
 

@@ -465,25 +465,48 @@ def test_pretraining_model_keeps_the_nclip_head_initialisation():
 
 # ---------------------------------------------------------------------------------------------- the objective factory
 
+# loss name -> (class, supports_gradient_caching, uses_logit_bias, uses_prototype_scores, trains_logit_scale)
+OBJECTIVE_CLASSES = {
+    "clip": ("ClipObjective", True, False, False, True),
+    "siglip": ("SigLipObjective", True, True, False, True),
+    "nclip": ("NClipObjective", False, False, True, False),
+    "xclip": ("XClipObjective", False, False, True, True),
+}
+SMALL_NCLIP = {"nclip_num_prototypes": 32, "nclip_hidden_dim": 32, "nclip_bottleneck_dim": 16}
 
-@pytest.mark.parametrize(
-    ("loss", "kind", "caches"),
-    [
-        ("clip", "ContrastiveObjective", True),
-        ("siglip", "ContrastiveObjective", True),
-        ("nclip", "PrototypeObjective", False),
-        ("xclip", "PrototypeObjective", False),
-    ],
-)
-def test_build_objective_builds_the_configured_loss(loss, kind, caches):
-    from modeling_msclip import MSClipConfig
+
+def _tiny_pretraining_batch(config) -> dict[str, torch.Tensor]:
+    size = config.vision_config.image_size
+    input_ids = torch.tensor([[1, 5, 7, 2], [1, 6, 2, 0], [1, 8, 9, 2]])
+    input_ids[input_ids == 2] = config.text_config.eos_token_id
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]),
+        "pixel_values": torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)),
+    }
+
+
+@pytest.mark.parametrize("loss", list(OBJECTIVE_CLASSES))
+def test_build_objective_builds_the_configured_loss(loss):
+    from modeling_msclip import MSClipConfig, MSClipForPreTraining
     from modeling_msclip.loss_msclip import build_objective
 
-    objective = build_objective(MSClipConfig.from_preset("msclip-tiny", objective={"loss": loss}))
-    assert (type(objective).__name__, objective.name, objective.supports_gradient_caching) == (kind, loss, caches)
+    config = MSClipConfig.from_preset("msclip-tiny", objective={"loss": loss, **SMALL_NCLIP})
+    objective = build_objective(config)
+    kind, caches, uses_bias, uses_scores, trains_scale = OBJECTIVE_CLASSES[loss]
+    assert (type(objective).__name__, objective.name) == (kind, loss)
+    assert objective.supports_gradient_caching is caches
+    assert (objective.uses_logit_bias, objective.uses_prototype_scores) == (uses_bias, uses_scores)
+    assert objective.trains_logit_scale is trains_scale
     if not caches:
         with pytest.raises(NotImplementedError, match=f"the {loss} objective needs more than the pair embeddings"):
             objective.pair_loss(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(()))
+
+    # The model holds exactly the parameters its objective reads.
+    model = MSClipForPreTraining(config)
+    assert type(model.objective) is type(objective)
+    assert (model.logit_bias is not None, model.image_head is not None) == (uses_bias, uses_scores)
+    assert model.msclip.logit_scale.requires_grad is trains_scale
 
 
 def test_build_objective_names_an_unknown_loss():
@@ -497,45 +520,76 @@ def test_build_objective_names_an_unknown_loss():
         build_objective(config)
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_the_pair_loss_is_the_loss_of_the_forward_and_its_terms_have_the_forward_names(loss):
+    # What gradient caching computes (pair_loss on the features, terms by pair_terms) is what the forward reports.
+    from modeling_msclip import MSClipConfig, MSClipForPreTraining
+
+    torch.manual_seed(0)
+    model = MSClipForPreTraining(MSClipConfig.from_preset("msclip-tiny", objective={"loss": loss})).eval()
+    out = model(**_tiny_pretraining_batch(model.config))
+    params = (out.logit_scale, out.logit_bias) if model.objective.uses_logit_bias else (out.logit_scale,)
+    pair_loss = model.objective.pair_loss(out.image_embeds, out.text_embeds, *params)
+    assert torch.equal(pair_loss, out.loss)
+    terms = model.objective.pair_terms(pair_loss.detach(), *params)
+    assert list(terms) == list(out.loss_terms)
+    for name, value in terms.items():
+        assert torch.equal(value.float().reshape(()), out.loss_terms[name]), name
+
+
 def test_the_pretraining_model_computes_xclip_through_its_objective_as_the_sum_of_its_parts():
     from modeling_msclip import MSClipConfig, MSClipForPreTraining
 
     torch.manual_seed(0)
     config = MSClipConfig.from_preset("msclip-tiny", objective={"loss": "xclip", "clip_weight": 0.5})
     model = MSClipForPreTraining(config).eval()
-    size = config.vision_config.image_size
-    batch = {"input_ids": torch.tensor([[1, 5, 7, 2], [1, 6, 2, 0]]), "pixel_values": torch.randn(2, 3, size, size)}
-    batch["input_ids"][batch["input_ids"] == 2] = config.text_config.eos_token_id
-    batch["input_ids"][1, 3] = 0
-    out = model(**batch, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    out = model(**_tiny_pretraining_batch(config))
     clip = ClipLoss()(out.image_embeds, out.text_embeds, out.logit_scale)
     nclip = model.objective.nclip(out.image_prototype_scores, out.text_prototype_scores).total
     assert_close_to_scale(out.loss, 0.5 * clip + nclip, 1e-6, "xclip")
     assert_close_to_scale(out.loss_terms["clip"], clip.detach(), 1e-6, "clip term")
+    assert list(out.loss_terms)[-1] == "logit_scale_exp"
 
 
-def test_a_checkpoint_with_the_old_nclip_centre_key_loads(tmp_path):
+def test_a_checkpoint_with_the_old_nclip_centre_key_loads_with_the_same_loss(tmp_path):
+    # Before the objective was one module the centre was `nclip_loss.center`; with centring on, it shapes the loss.
+    from safetensors.torch import load_file, save_file
+
     from modeling_msclip import MSClipConfig, MSClipForPreTraining
 
     torch.manual_seed(0)
-    model = MSClipForPreTraining(MSClipConfig.from_preset("msclip-tiny", objective={"loss": "nclip"}))
-    centre = torch.linspace(-1, 1, model.objective.nclip.center.numel())
+    objective = {"loss": "xclip", "nclip_center_momentum": 0.9, **SMALL_NCLIP}
+    model = MSClipForPreTraining(MSClipConfig.from_preset("msclip-tiny", objective=objective)).eval()
+    centre = torch.linspace(-0.5, 0.5, model.objective.nclip.center.numel())
+    model.objective.nclip.center.copy_(centre)
+    batch = _tiny_pretraining_batch(model.config)
+    expected = model(**batch)
+    uncentred = MSClipForPreTraining(model.config).eval()
+    uncentred.load_state_dict(model.state_dict())
+    uncentred.objective.nclip.center.zero_()
+    assert not torch.equal(uncentred(**batch).loss, expected.loss)  # so equal losses below test the centre too
+
     old = {
         ("nclip_loss.center" if key == "objective.nclip.center" else key): value
         for key, value in model.state_dict().items()
     }
-    old["nclip_loss.center"] = centre
-    assert "objective.nclip.center" not in old  # the layout before the objective was one module
-    fresh = MSClipForPreTraining(model.config)
+    assert "nclip_loss.center" in old and "objective.nclip.center" not in old
+    fresh = MSClipForPreTraining(model.config).eval()
     fresh.load_state_dict(old)
     assert torch.equal(fresh.objective.nclip.center, centre)
+    assert torch.equal(fresh(**batch).loss, expected.loss)
 
-    model.objective.nclip.center.copy_(centre)
-    model.save_pretrained(tmp_path)
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(tmp_path / "model.safetensors")
+    model.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
     weights["nclip_loss.center"] = weights.pop("objective.nclip.center")
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = MSClipForPreTraining.from_pretrained(tmp_path)
+    save_file(weights, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    loaded = MSClipForPreTraining.from_pretrained(tmp_path / "old").eval()
     assert torch.equal(loaded.objective.nclip.center, centre)
+    loaded_out = loaded(**batch)
+    assert torch.equal(loaded_out.loss, expected.loss)
+    for name, value in expected.loss_terms.items():
+        assert torch.equal(loaded_out.loss_terms[name], value), name
+    # Re-saved, it has the current name.
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = load_file(tmp_path / "resaved" / "model.safetensors")
+    assert "objective.nclip.center" in resaved and "nclip_loss.center" not in resaved

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_msclip.data_msclip import ImageTextCollator, TrainImageTransform, decode_image, load_image_text_dataset
+from modeling_msclip.collators_msclip import ImageTextCollator
+from modeling_msclip.data_msclip import load_image_text_dataset
+from modeling_msclip.records_msclip import decode_image
 from modeling_msclip.tokenization_msclip import MSClipTokenizer
+from modeling_msclip.transforms_msclip import TrainImageTransform
 from processing import make_shapes_dataset
 from processing.shapes_dataset import (
     COLORS,

@@ -19,7 +19,8 @@ from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE
 from PIL import Image
 
 from modeling_msclip import MSClipImageProcessor, train_msclip_tokenizer
-from modeling_msclip.data_msclip import DataStats, ImageTextCollator, WebDatasetShardWriter
+from modeling_msclip.collators_msclip import ImageTextCollator
+from modeling_msclip.records_msclip import DataStats
 from modeling_msclip.streaming_msclip import (
     RESUME_MARKER_KEY,
     STREAM_INFO_KEY,
@@ -31,6 +32,7 @@ from modeling_msclip.streaming_msclip import (
     parse_weighted_sources,
     webdataset_source,
 )
+from modeling_msclip.webdataset_msclip import WebDatasetShardWriter
 
 
 def png(value: int, size: int = 8) -> bytes:
@@ -258,7 +260,7 @@ def test_a_map_style_dataset_as_a_source(collator):
 
 
 def test_map_style_batches_of_bad_records_are_refilled_to_full_size(collator):
-    from modeling_msclip.data_msclip import IndexedDataset
+    from modeling_msclip.collators_msclip import IndexedDataset
 
     images = [{"bytes": png(index) if index % 3 else b"broken", "path": None} for index in range(12)]
     dataset = IndexedDataset(

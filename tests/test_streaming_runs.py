@@ -23,7 +23,7 @@ from conftest import TOKENIZER_CORPUS, TOKENIZER_VOCAB_SIZE, assert_close_to_sca
 from PIL import Image
 
 from modeling_msclip import train_msclip_tokenizer
-from modeling_msclip.data_msclip import WebDatasetShardWriter
+from modeling_msclip.webdataset_msclip import WebDatasetShardWriter
 
 pytestmark = pytest.mark.slow
 

@@ -198,8 +198,9 @@ def test_global_batch_norm_on_two_ranks_equals_one_process():
 def test_per_sample_augmentation_does_not_depend_on_batching(msclip_tokenizer_dir):
     from PIL import Image
 
-    from modeling_msclip.data_msclip import ImageTextCollator, TrainImageTransform
+    from modeling_msclip.collators_msclip import ImageTextCollator
     from modeling_msclip.tokenization_msclip import MSClipTokenizer
+    from modeling_msclip.transforms_msclip import TrainImageTransform
 
     tokenizer = MSClipTokenizer.from_pretrained(msclip_tokenizer_dir)
     transform = TrainImageTransform(32, mean=(0.5,) * 3, std=(0.5,) * 3, scale=(0.3, 1.0))

@@ -23,7 +23,8 @@ from modeling_msclip.diagnostics_msclip import (
     format_diagnostics,
     plot_diagnostics,
 )
-from modeling_msclip.evaluation_msclip import load_eval_dataset, load_model_and_processor, to_jsonable
+from modeling_msclip.encoding_msclip import load_model_and_processor
+from modeling_msclip.evaluation_msclip import load_eval_dataset, to_jsonable
 
 
 @dataclass

@@ -27,20 +27,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make `processing` importable
 
-from modeling_msclip.data_msclip import FORMATS, read_nonempty_lines  # noqa: E402
+from modeling_msclip.data_msclip import FORMATS  # noqa: E402
+from modeling_msclip.encoding_msclip import (  # noqa: E402
+    image_classifier_refusal,
+    is_image_classifier_checkpoint,
+    load_image_classifier_features,
+    load_model_and_processor,
+)
 from modeling_msclip.evaluation_msclip import (  # noqa: E402
     DEFAULT_TEMPLATES,
     evaluate_linear_probe,
     evaluate_retrieval,
     evaluate_zero_shot,
     format_results_table,
-    image_classifier_refusal,
-    is_image_classifier_checkpoint,
     load_eval_dataset,
-    load_image_classifier_features,
-    load_model_and_processor,
     save_results_json,
 )
+from modeling_msclip.records_msclip import read_nonempty_lines  # noqa: E402
 from processing.shapes_dataset import evaluate_shapes_dataset  # noqa: E402
 
 # The options whose evaluations need a text tower (refused for a fine-tuned image classifier).

@@ -34,14 +34,8 @@ from modeling_msclip.checkpointing_msclip import (  # noqa: E402
     attach_checkpointing,
     checkpoint_to_resume,
 )
-from modeling_msclip.data_msclip import (  # noqa: E402
-    FORMATS,
-    DataStats,
-    ImageClassificationCollator,
-    ImageProcessorTransform,
-    TrainImageTransform,
-    read_nonempty_lines,
-)
+from modeling_msclip.collators_msclip import ImageClassificationCollator  # noqa: E402
+from modeling_msclip.data_msclip import FORMATS  # noqa: E402
 from modeling_msclip.evaluation_msclip import DEFAULT_TEMPLATES  # noqa: E402
 from modeling_msclip.finetuning_msclip import (  # noqa: E402
     ClassifierFolderCallback,
@@ -59,6 +53,8 @@ from modeling_msclip.finetuning_msclip import (  # noqa: E402
 )
 from modeling_msclip.modeling_msclip import MSClipModel  # noqa: E402
 from modeling_msclip.pretraining_msclip import build_processor  # noqa: E402
+from modeling_msclip.records_msclip import DataStats, read_nonempty_lines  # noqa: E402
+from modeling_msclip.transforms_msclip import ImageProcessorTransform, TrainImageTransform  # noqa: E402
 from training.arguments import CheckpointArguments, parse_arguments_for_this_machine  # noqa: E402
 
 logger = logging.getLogger(__name__)

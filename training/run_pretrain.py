@@ -25,13 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: m
 from transformers import HfArgumentParser, TrainerCallback, set_seed  # noqa: E402
 
 from modeling_msclip.checkpointing_msclip import attach_checkpointing, checkpoint_to_resume  # noqa: E402
-from modeling_msclip.data_msclip import (  # noqa: E402
-    DataStats,
-    ImageProcessorTransform,
-    ImageTextCollator,
-    IndexedDataset,
-    TrainImageTransform,
-)
+from modeling_msclip.collators_msclip import ImageTextCollator, IndexedDataset  # noqa: E402
 from modeling_msclip.pretraining_msclip import (  # noqa: E402
     AugmentationEpochCallback,
     DataStatsCallback,
@@ -43,8 +37,10 @@ from modeling_msclip.pretraining_msclip import (  # noqa: E402
     load_image_text_pairs,
     read_list,
 )
+from modeling_msclip.records_msclip import DataStats  # noqa: E402
 from modeling_msclip.streaming_msclip import SOURCE_SEPARATOR, StreamMonitor, load_stream_state  # noqa: E402
 from modeling_msclip.trainer_msclip import MSClipTrainer, MSClipTrainingArguments, check_world_size  # noqa: E402
+from modeling_msclip.transforms_msclip import ImageProcessorTransform, TrainImageTransform  # noqa: E402
 from training.arguments import CheckpointArguments, parse_arguments_for_this_machine  # noqa: E402
 
 logger = logging.getLogger(__name__)
