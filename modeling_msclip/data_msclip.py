@@ -416,7 +416,7 @@ def _no_label_column_error(columns: Sequence[str], source: Any, split: str | Non
     where = f"{source}" + (f" (split {split})" if split else "")
     message = (
         f"{where} has no label column: classification needs one (detected: {'/'.join(LABEL_COLUMN_CANDIDATES)}), "
-        f"and its columns are {list(columns)}. Pass label_column= (--label-column / --label_column) naming the "
+        f"and its columns are {list(columns)}. Pass label_column= (--label_column) naming the "
         "column that holds each image's class."
     )
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
@@ -762,7 +762,7 @@ def prepare_labels(
     elif isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
         num_classes = max(dataset["label"], default=-1) + 1
         if class_names is None and require_class_names:
-            raise ValueError("The labels are plain integers without class names: pass the class names (--class-names)")
+            raise ValueError("The labels are plain integers without class names: pass the class names (--class_names)")
         if class_names is None:
             class_names = [str(index) for index in range(num_classes)]
         elif len(class_names) < num_classes:

@@ -269,7 +269,7 @@ def image_classifier_refusal(
         "MSClipModel loaded from it would start them from random weights). Its accuracy is the fine-tuning "
         "evaluation: eval_results.json of run_finetune_classification.py --eval_data (see docs/finetuning.md); "
         "evaluate the dual-encoder checkpoint it was fine-tuned from for zero-shot and retrieval; "
-        "--linear-probe-train/--linear-probe-test fit a linear probe on its vision features."
+        "--linear_probe_train/--linear_probe_test fit a linear probe on its vision features."
     )
 
 

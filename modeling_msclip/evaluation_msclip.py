@@ -11,8 +11,8 @@ The command line is ``training/run_evaluation.py`` in the repository (data in an
 reads, i.e. `data_msclip.load_dataset`: class folders, image folders with ``metadata.jsonl``, CSV/TSV/JSONL/Parquet,
 webdataset shards, `Dataset.save_to_disk` folders, Hub datasets)::
 
-    python training/run_evaluation.py --model DIR --zero-shot-data DIR --retrieval-data DIR \
-        --linear-probe-train DIR --linear-probe-test DIR --output results.json
+    python training/run_evaluation.py --model DIR --zero_shot_data DIR --retrieval_data DIR \
+        --linear_probe_train DIR --linear_probe_test DIR --output results.json
 """
 
 from __future__ import annotations
