@@ -1,7 +1,7 @@
 """Per-rank training memory at scale, computed from the packaged presets (nothing is run on an accelerator).
 
     python -m benchmarks.scaling                  # the tables of docs/scaling.md
-    python -m benchmarks.scaling --global-batch 65536 --world-sizes 8 64 512
+    python -m benchmarks.scaling --global_batch 65536 --world_sizes 8 64 512
 
 1. Model states per rank under ZeRO stages 0-3, for mixed-precision AdamW (the ZeRO paper's accounting):
    bf16 parameters 2 bytes + bf16 gradients 2 bytes + optimizer state 12 bytes (fp32 master copy, first and second
@@ -111,10 +111,19 @@ def main(argv: list[str] | None = None) -> str:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 64], help="ranks for the ZeRO table")
-    parser.add_argument("--global-batch", type=int, default=32768, help="global batch N for the logits table")
     parser.add_argument(
-        "--logits-world-sizes", type=int, nargs="+", default=[8, 32, 64, 128, 256, 512], help="ranks, logits table"
+        "--world_sizes", "--world-sizes", type=int, nargs="+", default=[8, 64], help="ranks for the ZeRO table"
+    )
+    parser.add_argument(
+        "--global_batch", "--global-batch", type=int, default=32768, help="global batch N for the logits table"
+    )
+    parser.add_argument(
+        "--logits_world_sizes",
+        "--logits-world-sizes",
+        type=int,
+        nargs="+",
+        default=[8, 32, 64, 128, 256, 512],
+        help="ranks, logits table",
     )
     args = parser.parse_args(argv)
     if any(w < 1 for w in args.world_sizes + args.logits_world_sizes) or args.global_batch < 1:
