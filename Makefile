@@ -34,6 +34,7 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.scaling --measure --world_sizes 1 2 --steps 3
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -55,6 +55,7 @@ PAGES = {
         "docs/benchmarks.md#ddp---ddp_find_unused_parameters-true-vs-the-default-false-2-ranks"
     ),
     "benchmarks/scaling.py": "docs/scaling.md",
+    "benchmarks/scaling_worker.py": "docs/scaling.md#measured-ddp-zero-2-and-zero-3-on-one-machine",
 }
 ALL_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 OPTION = re.compile(r"(?<![\w-])--[A-Za-z0-9][\w-]*")
